@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Fine-tune (or train from scratch) a causal language model such as GPT-2 with Flax.
+
+Data: plain text (.txt), or CSV / JSON Lines with a `text` column (else the
+first column). All texts are tokenized, concatenated and cut into
+--block_size blocks; the last, shorter block is padded and masked, so every
+token counts once. Writes eval_results.json with eval_loss and
+eval_perplexity (and test_results.json with --do_predict).
+
+    python examples/language-modeling/run_clm_flax.py \\
+        --model_name_or_path fixtures/models/tiny-gpt2 --output_dir out \\
+        --train_file fixtures/data/prose/train.txt --validation_file fixtures/data/prose/validation.txt \\
+        --do_train --do_eval --block_size 128
+
+Train from scratch with --model_type gpt2 (or --config_name) and --tokenizer_name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from flax_finetune import metrics, scripts
+from flax_finetune.arguments import DataArguments, ModelArguments, TrainingArguments, arg, parse_args
+from flax_finetune.errors import run_cli
+
+
+@dataclasses.dataclass
+class LanguageModelingDataArguments(DataArguments):
+    """Data: text files (or a hub dataset) and the block length."""
+
+    block_size: Optional[int] = arg(None, "Tokens per training block (default: the model's maximum, at most 1024).")
+    validation_split_percentage: int = arg(5, "Percent of the training data held out when there is no validation file.")
+    keep_linebreaks: bool = arg(True, "Keep line breaks of .txt files in the text.")
+
+
+def concatenate_into_blocks(token_lists: list[list[int]], block_size: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Concatenate tokenized texts and cut them into blocks.
+
+    Returns input_ids and attention_mask, both [num_blocks, block_size]; the
+    last block is padded (mask 0) instead of dropped.
+    """
+    tokens = np.fromiter((token for tokens in token_lists for token in tokens), dtype=np.int32)
+    num_blocks = max(1, -(-len(tokens) // block_size))
+    input_ids = np.full(num_blocks * block_size, pad_id, dtype=np.int32)
+    input_ids[: len(tokens)] = tokens
+    attention_mask = np.zeros(num_blocks * block_size, dtype=np.int32)
+    attention_mask[: len(tokens)] = 1
+    return {"input_ids": input_ids.reshape(num_blocks, block_size), "attention_mask": attention_mask.reshape(num_blocks, block_size)}
+
+
+def main(argv=None):
+    model_args, data_args, training_args = parse_args(
+        (ModelArguments, LanguageModelingDataArguments, TrainingArguments), argv, __doc__
+    )
+    run = scripts.start(training_args, model_args)
+    splits = run.load_splits(
+        data_args,
+        extensions=(".txt", ".csv", ".json", ".jsonl"),
+        keep_linebreaks=data_args.keep_linebreaks,
+        validation_split_percentage=data_args.validation_split_percentage,
+    )
+
+    from flax_finetune import data, losses
+
+    tokenizer = run.tokenizer(model_args)
+    config = run.config(model_args, tokenizer)
+    block_size = scripts.max_sequence_length(data_args.block_size, tokenizer, config)
+    if data_args.block_size is None:
+        block_size = min(block_size, 1024)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def to_blocks(dataset):
+        text_column = "text" if "text" in dataset.column_names else dataset.column_names[0]
+        tokenized = dataset.map(
+            lambda batch: {"input_ids": tokenizer(batch[text_column])["input_ids"]},
+            batched=True, remove_columns=dataset.column_names, **data_args.map_options,
+        )
+        return data.ArrayRows(concatenate_into_blocks(tokenized["input_ids"], block_size, pad_id))
+
+    rows = {split: to_blocks(dataset) for split, dataset in splits.items()}
+    model = run.model(model_args, "causal-lm", config)
+
+    def token_losses(params, batch, **kwargs):
+        """Next-token loss sum and count per block: ([batch], [batch])."""
+        logits = model(params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+        weights = losses.token_weights(batch["example_mask"], batch["attention_mask"][:, 1:])
+        return losses.cross_entropy(logits[:, :-1], batch["input_ids"][:, 1:], weights, per_example=True)
+
+    def loss_fn(params, batch, dropout_rng):
+        loss_sums, counts = token_losses(params, batch, dropout_rng=dropout_rng, train=True)
+        return loss_sums.sum(), counts.sum()
+
+    def predict_fn(params, batch):
+        loss_sums, counts = token_losses(params, batch, train=False)
+        return {"loss_sum": loss_sums, "count": counts}
+
+    def compute_metrics(outputs):
+        loss = float(outputs["loss_sum"].sum() / max(outputs["count"].sum(), 1))
+        return {"loss": loss, "perplexity": metrics.perplexity(loss)}
+
+    trainer = run.trainer(loss_fn, predict_fn)
+    params = model.params
+    if training_args.do_train:
+        params = trainer.train(params, rows["train"], rows.get("validation"), compute_metrics)
+        run.save_model(model, params, tokenizer)
+    if training_args.do_eval:
+        trainer.evaluate(params, rows["validation"], compute_metrics, split="eval")
+    if training_args.do_predict:
+        trainer.evaluate(params, rows["test"], compute_metrics, split="test")
+
+
+if __name__ == "__main__":
+    run_cli(main)

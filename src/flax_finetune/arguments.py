@@ -1,0 +1,251 @@
+"""Command-line arguments: dataclasses with the flag names users of the Transformers examples know.
+
+`parse_args((ModelArguments, DataArguments, TrainingArguments), argv)` turns a
+command line (or a single `.json` file of flag values) into one instance per
+dataclass. Each dataclass becomes a titled group in `--help`. Only the
+standard library is imported here, so `--help` returns at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+from flax_finetune.errors import InputError
+
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
+    """A dataclass field that is also a command-line flag with a one-line help."""
+    if isinstance(default, (list, dict)):
+        kwargs["default_factory"] = lambda: type(default)(default)
+    else:
+        kwargs["default"] = default
+    return dataclasses.field(metadata={"help": help}, **kwargs)
+
+
+def _to_bool(text: str | bool) -> bool:
+    if isinstance(text, bool):
+        return text
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "y", "t"):
+        return True
+    if lowered in ("0", "false", "no", "n", "f"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    """`Optional[X]` / `X | None` -> X."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        members = [member for member in typing.get_args(annotation) if member is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return annotation
+
+
+def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, annotation: Any) -> None:
+    annotation = _unwrap_optional(annotation)
+    options: dict[str, Any] = {"help": field.metadata.get("help", "")}
+    if field.default is not dataclasses.MISSING:
+        options["default"] = field.default
+    elif field.default_factory is not dataclasses.MISSING:
+        options["default"] = field.default_factory()
+    else:
+        options["required"] = True
+    flag = f"--{field.name}"
+    if annotation is bool:
+        options.update(nargs="?", const=True, type=_to_bool, metavar="BOOL")
+        group.add_argument(flag, **options)
+        if options.get("default") is True:
+            group.add_argument(
+                f"--no_{field.name}", dest=field.name, action="store_false",
+                help=f"Same as {flag} false.",
+            )
+        return
+    origin = typing.get_origin(annotation)
+    if origin is Literal:
+        options["choices"] = list(typing.get_args(annotation))
+        options["type"] = type(options["choices"][0])
+    elif origin in (list, Sequence):
+        options["nargs"] = "+"
+        options["type"] = typing.get_args(annotation)[0]
+    else:
+        options["type"] = annotation
+    group.add_argument(flag, **options)
+
+
+def build_parser(dataclass_types: Sequence[type], description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with one group per dataclass."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    for dataclass_type in dataclass_types:
+        title = (dataclass_type.__doc__ or dataclass_type.__name__).strip().splitlines()[0]
+        group = parser.add_argument_group(title)
+        hints = typing.get_type_hints(dataclass_type)
+        for field in dataclasses.fields(dataclass_type):
+            if field.init:
+                _add_field(group, field, hints[field.name])
+    return parser
+
+
+def _json_to_argv(path: Path) -> list[str]:
+    """A JSON object of flag values -> the equivalent command line."""
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot read arguments from {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{path} must hold a JSON object of flag names and values")
+    argv: list[str] = []
+    for name, value in values.items():
+        if isinstance(value, list):
+            argv += [f"--{name}", *map(str, value)]
+        elif value is not None:
+            argv += [f"--{name}", str(value)]
+    return argv
+
+
+def parse_args(
+    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, description: str | None = None
+) -> tuple[Any, ...]:
+    """Parse `argv` (default: sys.argv[1:]) into one instance of each dataclass.
+
+    A single argument ending in `.json` is read as a JSON object of flag values.
+    Unknown flags are an error: a flag that is accepted is always honoured.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        argv = _json_to_argv(Path(argv[0]))
+    parser = build_parser(dataclass_types, description)
+    namespace = vars(parser.parse_args(argv))
+    instances = []
+    for dataclass_type in dataclass_types:
+        names = [field.name for field in dataclasses.fields(dataclass_type) if field.init]
+        instances.append(dataclass_type(**{name: namespace[name] for name in names}))
+    return tuple(instances)
+
+
+@dataclasses.dataclass
+class ModelArguments:
+    """Model: which weights, config and tokenizer to start from."""
+
+    model_name_or_path: Optional[str] = arg(
+        None, "Folder or hub name of the pretrained model; omit to train from scratch (with --model_type or --config_name)."
+    )
+    model_type: Optional[str] = arg(None, "Model type (e.g. bert, gpt2, t5) of a from-scratch model.")
+    config_name: Optional[str] = arg(None, "Config folder or name, if not the model's own.")
+    config_overrides: Optional[str] = arg(
+        None, "Comma-separated key=value settings for a from-scratch config, e.g. n_embd=64,n_layer=2."
+    )
+    tokenizer_name: Optional[str] = arg(None, "Tokenizer folder or name, if not the model's own.")
+    cache_dir: Optional[str] = arg(None, "Where downloads from the hub are cached.")
+    use_fast_tokenizer: bool = arg(True, "Use a fast (Rust) tokenizer.")
+    model_revision: str = arg("main", "Hub revision (branch, tag or commit) of the model.")
+    token: Optional[str] = arg(None, "Hub token for private models.")
+    dtype: Literal["float32", "bfloat16", "float16"] = arg(
+        "float32", "Computation dtype; parameters stay float32."
+    )
+
+    def __post_init__(self):
+        if not (self.model_name_or_path or self.model_type or self.config_name):
+            raise InputError("give --model_name_or_path, or --model_type / --config_name to train from scratch")
+        if not (self.model_name_or_path or self.tokenizer_name):
+            raise InputError("a model trained from scratch needs --tokenizer_name")
+        if self.config_overrides and self.model_name_or_path:
+            raise InputError("--config_overrides applies only to a model trained from scratch (no --model_name_or_path)")
+
+    @property
+    def hub_options(self) -> dict:
+        """Keyword arguments for Transformers' from_pretrained calls."""
+        return {"cache_dir": self.cache_dir, "revision": self.model_revision, "token": self.token}
+
+
+@dataclasses.dataclass
+class DataArguments:
+    """Data: files (or a hub dataset) and how much of them to use."""
+
+    dataset_name: Optional[str] = arg(None, "Hub dataset name (needs network), instead of local files.")
+    dataset_config_name: Optional[str] = arg(None, "Configuration of --dataset_name.")
+    train_file: Optional[str] = arg(None, "Training data file.")
+    validation_file: Optional[str] = arg(None, "Evaluation data file.")
+    test_file: Optional[str] = arg(None, "Prediction data file (--do_predict).")
+    max_train_samples: Optional[int] = arg(None, "Use only the first N training examples.")
+    max_eval_samples: Optional[int] = arg(None, "Use only the first N evaluation examples.")
+    max_predict_samples: Optional[int] = arg(None, "Use only the first N prediction examples.")
+    preprocessing_num_workers: Optional[int] = arg(None, "Processes for tokenization.")
+    overwrite_cache: bool = arg(False, "Recompute tokenization instead of using the datasets cache.")
+
+    def __post_init__(self):
+        for name in ("max_train_samples", "max_eval_samples", "max_predict_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise InputError(f"--{name} must be at least 1")
+
+    def files(self) -> dict[str, tuple[str, Optional[str]]]:
+        """{split: (flag, path)} for `data.load_splits`."""
+        return {
+            "train": ("train_file", self.train_file),
+            "validation": ("validation_file", self.validation_file),
+            "test": ("test_file", self.test_file),
+        }
+
+    @property
+    def map_options(self) -> dict:
+        """Keyword arguments for `datasets.Dataset.map`."""
+        return {"num_proc": self.preprocessing_num_workers, "load_from_cache_file": not self.overwrite_cache}
+
+
+@dataclasses.dataclass
+class TrainingArguments:
+    """Training: what to run, batch sizes, optimizer, schedule, logging and checkpoints."""
+
+    output_dir: str = arg(help="Where results, logs, checkpoints and the trained model are written.")
+    overwrite_output_dir: bool = arg(
+        False, "Write into a non-empty --output_dir (only files this script writes are replaced)."
+    )
+    do_train: bool = arg(False, "Train on the training file.")
+    do_eval: bool = arg(False, "Evaluate on the validation file.")
+    do_predict: bool = arg(False, "Predict on the test file.")
+    per_device_train_batch_size: int = arg(8, "Training batch size per device.")
+    per_device_eval_batch_size: int = arg(8, "Evaluation batch size per device.")
+    gradient_accumulation_steps: int = arg(1, "Micro batches summed into one optimizer step.")
+    learning_rate: float = arg(5e-5, "Peak learning rate (after warmup).")
+    weight_decay: float = arg(0.0, "AdamW weight decay (not applied to biases and normalisation weights).")
+    adam_beta1: float = arg(0.9, "AdamW beta1.")
+    adam_beta2: float = arg(0.999, "AdamW beta2.")
+    adam_epsilon: float = arg(1e-8, "AdamW epsilon.")
+    adafactor: bool = arg(False, "Use Adafactor instead of AdamW.")
+    num_train_epochs: float = arg(3.0, "Training epochs (a fraction trains part of the last epoch).")
+    max_steps: int = arg(-1, "If > 0: train this many optimizer steps, overriding --num_train_epochs.")
+    warmup_steps: int = arg(0, "Steps of linear warmup from 0 to --learning_rate; then linear decay to 0.")
+    logging_steps: int = arg(500, "Log the mean training loss every N steps.")
+    eval_steps: Optional[int] = arg(None, "Evaluate every N steps during training (and once at the end).")
+    save_steps: int = arg(500, "Save a resumable checkpoint every N steps (0: never).")
+    save_total_limit: Optional[int] = arg(None, "Keep only the newest N checkpoints.")
+    resume_from_checkpoint: Optional[str] = arg(
+        None, "Resume from this checkpoint, or from the newest one in this folder."
+    )
+    seed: int = arg(42, "Seed of initialisation, shuffling and dropout.")
+    disable_tqdm: bool = arg(False, "No progress bars.")
+
+    def __post_init__(self):
+        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name} must be at least 1")
+        for name in ("warmup_steps", "save_steps"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name} must not be negative")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise InputError("--eval_steps must be at least 1")
+        if self.num_train_epochs < 0:
+            raise InputError("--num_train_epochs must not be negative")

@@ -1,0 +1,91 @@
+"""Resumable checkpoints through orbax: the train state plus where the run stood.
+
+A checkpoint holds the TrainState (step, params, optimizer state) and a JSON
+record of the data position (epoch, batch within the epoch, the seed the
+shuffle and dropout keys derive from, the batch layout). Orbax writes each
+checkpoint into a temporary folder and renames it when complete, so a crash
+during a write leaves the previous checkpoint usable.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import jax
+
+from flax_finetune.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+STEP_PREFIX = "checkpoint"
+
+
+def _orbax():
+    import orbax.checkpoint as ocp
+
+    return ocp
+
+
+class Checkpoints:
+    """The checkpoints of one run, under `<output_dir>/checkpoints/checkpoint_<step>`."""
+
+    def __init__(self, directory: Path, max_to_keep: Optional[int] = None):
+        ocp = _orbax()
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=max_to_keep, step_prefix=STEP_PREFIX, create=True
+            ),
+        )
+
+    def save(self, step: int, state: Any, position: dict) -> None:
+        ocp = _orbax()
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(position)),
+        )
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def latest_step(self) -> Optional[int]:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, target: Any) -> tuple[Any, dict]:
+        """The state at `step`, laid out like `target` (same tree, shardings), and its position record."""
+        ocp = _orbax()
+        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), position=ocp.args.JsonRestore()),
+        )
+        return restored["state"], dict(restored["position"])
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def find_checkpoint(path: str) -> tuple[Path, int]:
+    """Resolve `--resume_from_checkpoint PATH` to (checkpoints folder, step).
+
+    PATH may be one checkpoint folder (`.../checkpoint_40`), the checkpoints
+    folder, or an output directory; the latter two mean its newest checkpoint.
+    """
+    candidate = Path(path)
+    if candidate.name.startswith(f"{STEP_PREFIX}_") and candidate.name.split("_")[-1].isdigit():
+        if not candidate.is_dir():
+            raise InputError(f"--resume_from_checkpoint {path}: no such checkpoint")
+        return candidate.parent, int(candidate.name.split("_")[-1])
+    for folder in (candidate / CHECKPOINTS, candidate):
+        steps = [
+            int(child.name.split("_")[-1])
+            for child in folder.glob(f"{STEP_PREFIX}_*")
+            if child.is_dir() and child.name.split("_")[-1].isdigit()
+        ]
+        if steps:
+            return folder, max(steps)
+    raise InputError(f"--resume_from_checkpoint {path}: no checkpoint found there")

@@ -1,0 +1,224 @@
+"""Datasets in, fixed-shape batches out.
+
+`load_splits` reads local csv / json / jsonl / txt files (or a hub dataset when
+online) through `datasets`, with one clear `InputError` for each way a file
+can be wrong. `BatchPlan` cuts a split into batches of one fixed shape: the
+last batch is padded with masked rows instead of dropped, so evaluation sees
+every example and each jitted step compiles once. Shuffling is a pure
+function of (seed, epoch), so a resumed run sees the same order.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Optional, Protocol, Sequence
+
+import numpy as np
+
+from flax_finetune.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+BUILDER_BY_EXTENSION = {".csv": "csv", ".json": "json", ".jsonl": "json", ".txt": "text"}
+EXAMPLE_MASK = "example_mask"
+
+
+def _builder_for(path: Path, flag: str, extensions: Sequence[str]) -> str:
+    if not path.is_file():
+        raise InputError(f"--{flag} {path}: no such file")
+    if path.suffix.lower() not in extensions:
+        raise InputError(
+            f"--{flag} {path}: unsupported extension {path.suffix or '(none)'!r}; "
+            f"use one of {', '.join(extensions)}"
+        )
+    if path.stat().st_size == 0:
+        raise InputError(f"--{flag} {path}: the file is empty")
+    return BUILDER_BY_EXTENSION[path.suffix.lower()]
+
+
+def load_splits(
+    files: Mapping[str, tuple[str, Optional[str]]],
+    *,
+    extensions: Sequence[str] = (".csv", ".json", ".jsonl"),
+    json_field: Optional[str] = None,
+    keep_linebreaks: bool = True,
+    dataset_name: Optional[str] = None,
+    dataset_config_name: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+):
+    """Load each split that has a file into a `datasets.Dataset`.
+
+    `files` maps a split name to (flag name, path or None), e.g.
+    `{"train": ("train_file", args.train_file)}`; the flag name is used in
+    error messages. With `dataset_name`, the splits come from that dataset
+    instead (hub or local loading script). Returns {split: Dataset}.
+    """
+    import datasets
+
+    datasets.utils.logging.disable_progress_bar()
+    if dataset_name is not None:
+        try:
+            loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        except Exception as error:  # hub, network and script errors all mean the same to the user
+            raise InputError(f"--dataset_name {dataset_name}: cannot load it ({type(error).__name__}: {error})") from None
+        return dict(loaded)
+    splits = {}
+    for split, (flag, path) in files.items():
+        if path is None:
+            continue
+        builder = _builder_for(Path(path), flag, extensions)
+        options = {"field": json_field} if builder == "json" and json_field else {}
+        if builder == "text":
+            options["keep_linebreaks"] = keep_linebreaks
+        try:
+            splits[split] = datasets.load_dataset(
+                builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir, **options
+            )
+        except Exception as error:  # malformed CSV/JSON, bad encoding: name the file, not the library frame
+            cause = error.__cause__ or error.__context__ or error
+            if isinstance(cause, UnicodeDecodeError) or isinstance(error, UnicodeDecodeError):
+                raise InputError(f"--{flag} {path}: the file is not valid UTF-8 text") from None
+            raise InputError(f"--{flag} {path}: cannot read it as {builder} ({type(cause).__name__}: {cause})") from None
+        if len(splits[split]) == 0:
+            raise InputError(f"--{flag} {path}: the file holds no examples")
+    return splits
+
+
+def require_columns(dataset, names: Sequence[str], flag: str) -> None:
+    """Stop with the list of columns found when one of `names` is missing."""
+    missing = [name for name in names if name not in dataset.column_names]
+    if missing:
+        raise InputError(
+            f"--{flag}: no column {', '.join(map(repr, missing))}; "
+            f"the columns found are {', '.join(dataset.column_names)}"
+        )
+
+
+def hold_out(dataset, percentage: int):
+    """(first 100 - percentage %, last percentage %) of `dataset`; each keeps at least one example."""
+    if not 0 < percentage < 100:
+        raise InputError(f"--validation_split_percentage {percentage}: must be between 1 and 99")
+    if len(dataset) < 2:
+        raise InputError("the training file is too small to hold out a validation split; give --validation_file")
+    held = min(len(dataset) - 1, max(1, round(len(dataset) * percentage / 100)))
+    cut = len(dataset) - held
+    return dataset.select(range(cut)), dataset.select(range(cut, len(dataset)))
+
+
+def take_first(dataset, max_samples: Optional[int]):
+    """The first `max_samples` examples (all of them when None)."""
+    if max_samples is None or max_samples >= len(dataset):
+        return dataset
+    return dataset.select(range(max_samples))
+
+
+class Rows(Protocol):
+    """Anything that returns a dict of numpy columns for an array of row indices."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, indices: np.ndarray) -> Mapping[str, np.ndarray]: ...
+
+
+class ArrayRows:
+    """Rows held in memory as equal-length numpy columns."""
+
+    def __init__(self, columns: Mapping[str, np.ndarray]):
+        lengths = {len(column) for column in columns.values()}
+        if len(lengths) != 1:
+            raise ValueError(f"columns have different lengths: {lengths}")
+        self.columns = dict(columns)
+        self.length = lengths.pop()
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: column[indices] for name, column in self.columns.items()}
+
+
+def as_rows(dataset, columns: Sequence[str]) -> ArrayRows:
+    """Tokenized `datasets.Dataset` columns (fixed length per row) as numpy rows."""
+    table = dataset.with_format("numpy", columns=list(columns))[:]
+    return ArrayRows({name: np.asarray(table[name]) for name in columns})
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How a split is cut into fixed-shape batches, and which rows this process loads.
+
+    A global batch holds `micro_batches * micro_batch_size` rows, laid out as
+    [micro_batches, micro_batch_size]; the micro batches are the gradient
+    accumulation steps. Each process loads the columns
+    [process_index * local:(process_index + 1) * local] of every micro batch,
+    so its rows land on its own devices.
+    """
+
+    num_examples: int
+    micro_batch_size: int
+    micro_batches: int = 1
+    process_index: int = 0
+    process_count: int = 1
+
+    def __post_init__(self):
+        if self.micro_batch_size % self.process_count:
+            raise ValueError("the micro batch must divide evenly among processes")
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.micro_batches
+
+    @property
+    def num_batches(self) -> int:
+        return max(1, math.ceil(self.num_examples / self.global_batch_size))
+
+    def order(self, seed: Optional[int], epoch: int = 0) -> np.ndarray:
+        """Row indices of one epoch, [num_batches, micro_batches, micro_batch_size]; -1 pads.
+
+        Shuffled from (seed, epoch) when seed is given, else in dataset order.
+        """
+        if seed is None:
+            indices = np.arange(self.num_examples)
+        else:
+            indices = np.random.default_rng([seed, epoch]).permutation(self.num_examples)
+        padded = np.full(self.num_batches * self.global_batch_size, -1, dtype=np.int64)
+        padded[: self.num_examples] = indices
+        return padded.reshape(self.num_batches, self.micro_batches, self.micro_batch_size)
+
+    def local(self, batch_indices: np.ndarray) -> np.ndarray:
+        """This process's share of one batch: [micro_batches, micro_batch_size // process_count]."""
+        width = self.micro_batch_size // self.process_count
+        return batch_indices[:, self.process_index * width : (self.process_index + 1) * width]
+
+
+def gather(rows: Rows, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Load the rows at `indices` (any shape, -1 = padding) with an `example_mask` column.
+
+    Padding rows repeat a real row, so every column keeps a valid value, and get
+    mask 0. Returns columns of shape indices.shape + row shape.
+    """
+    flat = indices.reshape(-1)
+    mask = flat >= 0
+    fetched = rows[np.where(mask, flat, flat[mask][0] if mask.any() else 0)]
+    batch = {name: np.asarray(column).reshape(indices.shape + np.shape(column)[1:]) for name, column in fetched.items()}
+    batch[EXAMPLE_MASK] = mask.reshape(indices.shape).astype(np.float32)
+    return batch
+
+
+def iterate_batches(rows: Rows, plan: BatchPlan, seed: Optional[int], epoch: int = 0, start: int = 0) -> Iterator[dict]:
+    """This process's part of each batch of one epoch, from batch `start` on."""
+    order = plan.order(seed, epoch)
+    for batch_indices in order[start:]:
+        yield gather(rows, plan.local(batch_indices))
+
+
+def warn_if_smaller_than_batch(num_examples: int, global_batch_size: int, split: str) -> None:
+    if num_examples < global_batch_size:
+        logger.warning(
+            "the %s split has %d examples, fewer than one global batch of %d: "
+            "it runs as one padded batch whose extra rows are masked out",
+            split, num_examples, global_batch_size,
+        )

@@ -1,0 +1,87 @@
+"""The output directory: safety checks, results files, the per-step metrics log.
+
+Nothing is written until `OutputDir.create()`, which a script calls only once
+its inputs have been checked, so a failed start leaves the directory as it
+was. Files are written atomically (temporary file, then rename): a crash never
+leaves a half-written results file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from flax_finetune.errors import InputError
+
+METRICS_LOG = "metrics.jsonl"
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _json_number(value: Any) -> Any:
+    """numpy / jax scalars -> plain Python numbers; non-finite floats stay readable as strings."""
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+class OutputDir:
+    """The folder a run writes to: results, metrics log, checkpoints, the exported model."""
+
+    def __init__(self, path: str, overwrite: bool, is_writer: bool = True):
+        self.path = Path(path)
+        self.is_writer = is_writer
+        if self.path.exists() and not self.path.is_dir():
+            raise InputError(f"--output_dir {path}: exists and is not a directory")
+        if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
+            raise InputError(
+                f"--output_dir {path}: the directory is not empty; "
+                "pass --overwrite_output_dir to write into it (only files this script writes are replaced)"
+            )
+
+    def create(self) -> None:
+        """Make the folder; called once the inputs are known to be good."""
+        if self.is_writer:
+            self.path.mkdir(parents=True, exist_ok=True)
+            (self.path / METRICS_LOG).unlink(missing_ok=True)
+
+    def write_json(self, name: str, data: Mapping[str, Any]) -> Path:
+        path = self.path / name
+        if self.is_writer:
+            clean = {key: _json_number(value) for key, value in data.items()}
+            write_atomically(path, json.dumps(clean, indent=2, sort_keys=True) + "\n")
+        return path
+
+    def write_results(self, split: str, metrics: Mapping[str, Any]) -> Path:
+        """`{split}_results.json`, keys prefixed with the split (eval_accuracy, ...)."""
+        prefixed = {key if key.startswith(f"{split}_") else f"{split}_{key}": value for key, value in metrics.items()}
+        return self.write_json(f"{split}_results.json", prefixed)
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        """Append one line to metrics.jsonl."""
+        if self.is_writer:
+            with open(self.path / METRICS_LOG, "a", encoding="utf-8") as stream:
+                stream.write(json.dumps({key: _json_number(value) for key, value in record.items()}) + "\n")
+
+    def write_text(self, name: str, text: str) -> Path:
+        path = self.path / name
+        if self.is_writer:
+            write_atomically(path, text)
+        return path

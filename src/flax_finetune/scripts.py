@@ -1,0 +1,226 @@
+"""The steps every script takes, in order: `Run` carries them.
+
+    run = scripts.start(training_args, model_args)     # logging, output-dir check (nothing written)
+    splits = run.load_splits(data_args, ...)            # files -> datasets, checked
+    config, tokenizer = run.config(...), run.tokenizer(...)
+    rows = run.tokenize(...)                            # -> fixed-length numpy rows
+    model = run.model(model_args, task, config)
+    trainer = run.trainer(loss_fn, predict_fn)          # the output directory is created here
+    ... trainer.train / evaluate / predict ...
+    run.save_model(model, params, tokenizer)
+
+Every check on the user's input happens before `run.trainer`, so a bad
+input stops the script before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from flax_finetune import data
+from flax_finetune.errors import InputError
+from flax_finetune.outputs import OutputDir
+
+logger = logging.getLogger("flax_finetune")
+
+SPLIT_FLAGS = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}
+
+
+def setup_logging() -> None:
+    """INFO lines from this package on stderr; quieter third-party libraries."""
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    for noisy in ("absl", "jax._src.xla_bridge", "datasets", "transformers.modeling_flax_utils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def max_sequence_length(requested: Optional[int], tokenizer: Any, config: Any) -> int:
+    """The sequence length to use: the request, capped by what the model can take (with a warning)."""
+    limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 10**9]
+    model_limit = int(min(limits))
+    if requested is None:
+        return model_limit
+    if requested > model_limit:
+        logger.warning("--max_seq_length %d exceeds the model's maximum %d: using %d", requested, model_limit, model_limit)
+        return model_limit
+    return requested
+
+
+def require_columns(dataset: Any, names: Sequence[str], data_args: Any, split: str) -> None:
+    """Stop with the columns found when `names` are not all in `dataset`."""
+    flag = {"train": "train_file", "validation": "validation_file", "test": "test_file"}[split]
+    source = getattr(data_args, flag, None) or f"{data_args.dataset_name} ({split})"
+    missing = [name for name in names if name not in dataset.column_names]
+    if missing:
+        raise InputError(
+            f"--{flag} {source}: no column {', '.join(map(repr, missing))}; "
+            f"the columns found are {', '.join(dataset.column_names)}"
+        )
+
+
+def pad_rows(dataset: Any, pad_values: Mapping[str, int], length: Optional[int]) -> data.ArrayRows:
+    """Tokenized columns of a `datasets.Dataset` -> fixed-length numpy rows.
+
+    Sequence columns (those in `pad_values`) are right-padded with their pad
+    value to `length`, or to the longest row rounded up to a multiple of 8
+    when `length` is None. Other columns are kept as they are.
+    """
+    columns = {}
+    for name in dataset.column_names:
+        values = dataset[name]
+        if name not in pad_values:
+            columns[name] = np.asarray(values)
+            continue
+        longest = max((len(row) for row in values), default=1)
+        width = length if length is not None else -(-longest // 8) * 8
+        array = np.full((len(values), width), pad_values[name], dtype=np.int32)
+        for index, row in enumerate(values):
+            array[index, : min(len(row), width)] = row[:width]
+        columns[name] = array
+    return data.ArrayRows(columns)
+
+
+class Run:
+    """One script run: its output directory and the shared loading steps."""
+
+    def __init__(self, training_args: Any, model_args: Any):
+        setup_logging()
+        self.args = training_args
+        self.model_args = model_args
+        self.output = OutputDir(training_args.output_dir, training_args.overwrite_output_dir)
+
+    def load_splits(
+        self,
+        data_args: Any,
+        extensions: Sequence[str],
+        json_field: Optional[str] = None,
+        keep_linebreaks: bool = True,
+        validation_split_percentage: Optional[int] = None,
+    ) -> dict[str, Any]:
+        """The splits the --do_* flags need (validation also for --eval_steps), with --max_*_samples applied.
+
+        With `validation_split_percentage`, a missing validation split is the
+        last that many percent of the training split (which then loses them).
+        """
+        needed = {split for split, flag in SPLIT_FLAGS.items() if getattr(self.args, flag)}
+        if not needed:
+            raise InputError("nothing to do: give --do_train, --do_eval or --do_predict")
+        held_out = (
+            validation_split_percentage is not None
+            and "validation" in needed
+            and data_args.validation_file is None
+            and data_args.train_file is not None
+        )
+        if held_out:
+            needed = (needed - {"validation"}) | {"train"}
+        if self.args.do_train and self.args.eval_steps and (data_args.validation_file or data_args.dataset_name):
+            needed.add("validation")
+        if data_args.dataset_name is None:
+            for split in sorted(needed):
+                flag, path = data_args.files()[split]
+                if path is None:
+                    raise InputError(f"--{SPLIT_FLAGS[split]} needs --{flag}")
+        files = {split: entry for split, entry in data_args.files().items() if split in needed}
+        splits = data.load_splits(
+            files,
+            extensions=extensions,
+            json_field=json_field,
+            keep_linebreaks=keep_linebreaks,
+            dataset_name=data_args.dataset_name,
+            dataset_config_name=data_args.dataset_config_name,
+            cache_dir=self.model_args.cache_dir,
+        )
+        if data_args.dataset_name is not None:
+            splits = {split: splits[split] for split in needed if split in splits}
+            missing = needed - set(splits)
+            if missing:
+                raise InputError(f"--dataset_name {data_args.dataset_name} has no {', '.join(sorted(missing))} split")
+        if held_out:
+            splits["train"], splits["validation"] = data.hold_out(splits["train"], validation_split_percentage)
+        limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
+                  "test": data_args.max_predict_samples}
+        return {split: data.take_first(dataset, limits[split]) for split, dataset in splits.items()}
+
+    def config(self, model_args: Any, tokenizer: Any, **overrides: Any) -> Any:
+        """The model config: --config_name, else the model's own, else a new one of --model_type.
+
+        A new config gets the tokenizer's vocabulary size; a loaded one must be
+        large enough for every token id the tokenizer can produce.
+        """
+        from flax_finetune import models
+
+        source = model_args.config_name or model_args.model_name_or_path
+        if source:
+            config = models.load_config(source, hub=model_args.hub_options, **overrides)
+        else:
+            config = models.new_config(model_args.model_type, vocab_size=len(tokenizer), **overrides)
+        if model_args.config_overrides:
+            try:
+                config.update_from_string(model_args.config_overrides)
+            except ValueError as error:
+                raise InputError(f"--config_overrides {model_args.config_overrides}: {error}") from None
+        vocab_size = getattr(config, "vocab_size", None)
+        if vocab_size is not None and len(tokenizer) > vocab_size:
+            raise InputError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {vocab_size}: "
+                "use the model's own tokenizer or a config with a larger vocab_size"
+            )
+        return config
+
+    def tokenizer(self, model_args: Any, **kwargs: Any) -> Any:
+        from flax_finetune import models
+
+        return models.load_tokenizer(
+            model_args.tokenizer_name or model_args.model_name_or_path,
+            use_fast=model_args.use_fast_tokenizer,
+            hub=model_args.hub_options,
+            **kwargs,
+        )
+
+    def tokenize(
+        self,
+        dataset: Any,
+        function: Callable[[dict], dict],
+        pad_values: Mapping[str, int],
+        length: Optional[int],
+        data_args: Any,
+    ) -> data.ArrayRows:
+        """Map `function` over batches of `dataset` (dropping the raw columns), then pad to fixed length."""
+        mapped = dataset.map(function, batched=True, remove_columns=dataset.column_names, **data_args.map_options)
+        return pad_rows(mapped, pad_values, length)
+
+    def model(self, model_args: Any, task: str, config: Any) -> Any:
+        """Pretrained weights from --model_name_or_path, else a new model from `config`."""
+        from flax_finetune import models
+
+        if model_args.model_name_or_path:
+            return models.load(
+                model_args.model_name_or_path, task, config=config, dtype=model_args.dtype,
+                seed=self.args.seed, hub=model_args.hub_options,
+            )
+        return models.from_config(config, task, dtype=model_args.dtype, seed=self.args.seed)
+
+    def trainer(self, loss_fn: Callable, predict_fn: Callable) -> Any:
+        """The Trainer for this run; creates the output directory (inputs are all checked by now)."""
+        from flax_finetune.trainer import Trainer
+
+        self.output.create()
+        return Trainer(self.args, self.output, loss_fn, predict_fn)
+
+    def save_model(self, model: Any, params: Any, tokenizer: Any) -> None:
+        """The trained model as a `save_pretrained` folder in --output_dir: config, weights, tokenizer."""
+        directory = str(self.output.path)
+        model.save(params, directory)
+        tokenizer.save_pretrained(directory)
+        logger.info("model saved to %s", directory)
+
+
+def start(training_args: Any, model_args: Any) -> Run:
+    return Run(training_args, model_args)

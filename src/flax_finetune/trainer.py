@@ -1,0 +1,198 @@
+"""The training loop every script shares: epochs of steps, evaluation, logging, checkpoints.
+
+A script hands the Trainer its task: `loss_fn(params, batch, dropout_rng) ->
+(loss_sum, count)` for training and `predict_fn(params, batch) -> {name:
+[batch, ...]}` for evaluation. Batches are dicts of [batch, ...] arrays plus
+an `example_mask` column ([batch], 1.0 for real rows, 0.0 for padding) that
+both functions must honour.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import numpy as np
+
+from flax_finetune import data, training
+from flax_finetune.checkpoints import CHECKPOINTS, Checkpoints, find_checkpoint
+from flax_finetune.errors import InputError
+from flax_finetune.outputs import OutputDir
+from flax_finetune.progress import progress_bar
+
+logger = logging.getLogger(__name__)
+
+EVAL_BATCHES_PER_CALL = 32
+ComputeMetrics = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
+
+
+class Trainer:
+    """Runs a task's jitted steps over fixed-shape batches; see the module docstring."""
+
+    def __init__(self, args, output: OutputDir, loss_fn: training.LossFn, predict_fn: training.PredictFn):
+        self.args = args
+        self.output = output
+        self.loss_fn = loss_fn
+        self.mesh = training.data_mesh()
+        self.predict_step = training.make_predict_step(predict_fn, self.mesh)
+
+    def _plan(self, num_examples: int, per_device_batch_size: int, micro_batches: int = 1) -> data.BatchPlan:
+        return data.BatchPlan(
+            num_examples=num_examples,
+            micro_batch_size=per_device_batch_size * jax.device_count(),
+            micro_batches=micro_batches,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+
+    def total_steps(self, num_examples: int) -> tuple[int, int]:
+        """(optimizer steps per epoch, total optimizer steps) for a training split."""
+        args = self.args
+        plan = self._plan(num_examples, args.per_device_train_batch_size, args.gradient_accumulation_steps)
+        total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * plan.num_batches)
+        return plan.num_batches, total
+
+    def train(
+        self,
+        params: Any,
+        rows: data.Rows,
+        eval_rows: Optional[data.Rows] = None,
+        compute_metrics: Optional[ComputeMetrics] = None,
+    ) -> Any:
+        """Train from `params` on `rows`; returns the final params.
+
+        Logs the mean training loss every `logging_steps`, evaluates on
+        `eval_rows` every `eval_steps`, saves a resumable checkpoint every
+        `save_steps` and resumes from `resume_from_checkpoint`.
+        """
+        args = self.args
+        plan = self._plan(len(rows), args.per_device_train_batch_size, args.gradient_accumulation_steps)
+        data.warn_if_smaller_than_batch(len(rows), plan.global_batch_size, "train")
+        steps_per_epoch, total_steps = self.total_steps(len(rows))
+        if total_steps <= 0:
+            raise InputError("no training steps: raise --num_train_epochs or --max_steps")
+        schedule = training.linear_schedule(args.learning_rate, args.warmup_steps, total_steps)
+        optimizer = training.make_optimizer(args, schedule)
+        state = training.init_state(params, optimizer, self.mesh)
+        train_step = training.make_train_step(
+            self.loss_fn, optimizer, schedule, self.mesh, args.gradient_accumulation_steps
+        )
+        dropout_rng = jax.random.PRNGKey(args.seed)
+        position = {
+            "seed": args.seed,
+            "steps_per_epoch": steps_per_epoch,
+            "global_batch_size": plan.global_batch_size,
+        }
+        state = self._maybe_resume(state, position)
+        checkpoints = (
+            Checkpoints(self.output.path / CHECKPOINTS, args.save_total_limit) if args.save_steps > 0 else None
+        )
+
+        logger.info(
+            "training: %d examples, %d epochs, global batch %d (%d devices x %d x %d accumulation), %d steps",
+            len(rows), math.ceil(total_steps / steps_per_epoch), plan.global_batch_size, jax.device_count(),
+            args.per_device_train_batch_size, args.gradient_accumulation_steps, total_steps,
+        )
+        step = int(state.step)
+        first_step, started = step, time.perf_counter()
+        pending: list[Mapping[str, jax.Array]] = []
+        while step < total_steps:
+            epoch, offset = divmod(step, steps_per_epoch)
+            batches_left = min(steps_per_epoch, offset + total_steps - step)
+            with progress_bar(batches_left, offset, f"epoch {epoch + 1}", args.disable_tqdm) as bar:
+                for local in data.iterate_batches(rows, plan, args.seed, epoch, offset):
+                    state, metrics = train_step(state, training.put_batch(local, self.mesh), dropout_rng)
+                    step += 1
+                    pending.append(metrics)
+                    bar.update()
+                    if step % args.logging_steps == 0 or step == total_steps:
+                        record = self._log_training(step, step / steps_per_epoch, pending)
+                        bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
+                        pending = []
+                    if eval_rows is not None and args.eval_steps and step % args.eval_steps == 0:
+                        scores = self.evaluate(state.params, eval_rows, compute_metrics, split="eval", write=False)
+                        self.output.log({"step": step, "epoch": step / steps_per_epoch, **scores})
+                    if checkpoints is not None and step % args.save_steps == 0:
+                        checkpoints.save(step, state, {**position, "step": step, "epoch": epoch})
+                    if step >= total_steps:
+                        break
+        if checkpoints is not None:
+            checkpoints.wait()
+            checkpoints.close()
+        runtime = time.perf_counter() - started
+        examples = (step - first_step) * plan.global_batch_size
+        self.output.write_results(
+            "train",
+            {
+                "runtime": runtime,
+                "samples_per_second": examples / runtime if runtime else 0.0,
+                "steps_per_second": (step - first_step) / runtime if runtime else 0.0,
+                "steps": step,
+                "samples": len(rows),
+            },
+        )
+        return state.params
+
+    def _log_training(self, step: int, epoch: float, pending: list) -> dict:
+        values = jax.device_get(pending)
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "train_loss": float(np.mean([value["loss"] for value in values])),
+            "learning_rate": float(values[-1]["learning_rate"]),
+        }
+        self.output.log(record)
+        return record
+
+    def _maybe_resume(self, state: training.TrainState, position: dict) -> training.TrainState:
+        if not self.args.resume_from_checkpoint:
+            return state
+        folder, step = find_checkpoint(self.args.resume_from_checkpoint)
+        checkpoints = Checkpoints(folder)
+        state, saved = checkpoints.restore(step, state)
+        checkpoints.close()
+        changed = [key for key in position if saved.get(key) != position[key]]
+        if changed:
+            raise InputError(
+                f"--resume_from_checkpoint: the run's {', '.join(changed)} differ from the checkpoint's "
+                f"({', '.join(f'{key}={saved.get(key)}' for key in changed)}); resume with the same settings"
+            )
+        logger.info("resumed from %s at step %d", folder, step)
+        return state
+
+    def predict(self, params: Any, rows: data.Rows) -> dict[str, np.ndarray]:
+        """`predict_fn` outputs for every row, in dataset order: {name: [num_rows, ...]}."""
+        plan = self._plan(len(rows), self.args.per_device_eval_batch_size)
+        order = plan.order(seed=None)[:, 0, :]  # [num_batches, batch]
+        per_call = min(plan.num_batches, EVAL_BATCHES_PER_CALL)
+        calls = math.ceil(plan.num_batches / per_call)
+        padded = np.full((calls * per_call, order.shape[1]), -1, dtype=order.dtype)
+        padded[: len(order)] = order
+        chunks = []
+        with progress_bar(calls, 0, "evaluating", self.args.disable_tqdm, leave=False) as bar:
+            for chunk in padded.reshape(calls, per_call, -1):
+                local = data.gather(rows, plan.local(chunk))
+                outputs = self.predict_step(params, training.put_batch(local, self.mesh))
+                chunks.append(jax.device_get(outputs))
+                bar.update()
+        real = padded.reshape(-1) >= 0
+        return {
+            name: np.concatenate([chunk[name].reshape(-1, *chunk[name].shape[2:]) for chunk in chunks])[real]
+            for name in chunks[0]
+        }
+
+    def evaluate(
+        self, params: Any, rows: data.Rows, compute_metrics: ComputeMetrics, split: str = "eval", write: bool = True
+    ) -> dict[str, float]:
+        """Metrics on `rows` with `{split}_` keys; written to `{split}_results.json` when `write`."""
+        started = time.perf_counter()
+        metrics = dict(compute_metrics(self.predict(params, rows)))
+        metrics.update(runtime=time.perf_counter() - started, samples=len(rows))
+        prefixed = {f"{split}_{name}": value for name, value in metrics.items()}
+        if write:
+            self.output.write_results(split, prefixed)
+        logger.info("%s: %s", split, ", ".join(f"{k}={v:.4g}" for k, v in prefixed.items()))
+        return prefixed

@@ -1,0 +1,72 @@
+"""End to end: run_clm_flax on the fixture prose with the tiny fixture GPT-2."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import DATA, MODELS, load_script, read_log, read_results
+
+# The untrained tiny GPT-2 scores about its vocabulary size (~500); two epochs bring it near 270.
+PERPLEXITY = 350
+
+
+def clm():
+    return load_script("language-modeling/run_clm_flax.py")
+
+
+def clm_command(output_dir):
+    return [
+        "--model_name_or_path", str(MODELS / "tiny-gpt2"),
+        "--train_file", str(DATA / "prose" / "train.txt"),
+        "--validation_file", str(DATA / "prose" / "validation.txt"),
+        "--do_train", "--do_eval",
+        "--block_size", "128",
+        "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "4",
+        "--num_train_epochs", "2",
+        "--logging_steps", "2",
+        "--eval_steps", "2",
+        "--output_dir", str(output_dir),
+        "--overwrite_output_dir",
+        "--disable_tqdm",
+    ]
+
+
+def test_fine_tuning_lowers_perplexity(tmp_path):
+    clm().main(clm_command(tmp_path))
+
+    results = read_results(tmp_path)
+    assert results["eval_perplexity"] < PERPLEXITY
+    log = read_log(tmp_path)
+    train_losses = [record["train_loss"] for record in log if "train_loss" in record]
+    assert train_losses[-1] < train_losses[0]
+    assert [record["step"] for record in log if "train_loss" in record][:2] == [2, 4]  # --logging_steps 2
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "gpt2"
+
+
+def test_untrained_model_fails_the_perplexity_threshold(tmp_path):
+    args = clm_command(tmp_path)
+    args.remove("--do_train")
+    clm().main(args)
+    assert read_results(tmp_path)["eval_perplexity"] >= PERPLEXITY
+
+
+def test_training_from_scratch_with_model_type(tmp_path):
+    """--model_type + --tokenizer_name train a new model; the vocabulary follows the tokenizer."""
+    clm().main([
+        "--model_type", "gpt2",
+        "--config_overrides", "n_embd=32,n_layer=1,n_head=2,n_positions=64",
+        "--tokenizer_name", str(MODELS / "tiny-gpt2"),
+        "--train_file", str(DATA / "prose" / "validation.txt"),
+        "--do_train", "--do_eval",
+        "--validation_split_percentage", "20",
+        "--block_size", "64",
+        "--per_device_train_batch_size", "4",
+        "--num_train_epochs", "1",
+        "--output_dir", str(tmp_path),
+        "--disable_tqdm",
+    ])
+    results = read_results(tmp_path)
+    assert results["eval_samples"] >= 1 and results["eval_perplexity"] > 1
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert (config["n_embd"], config["n_layer"], config["vocab_size"]) == (32, 1, 500)
