@@ -72,56 +72,40 @@ def test_predict_writes_label_names_with_distilbert(tmp_path):
     assert read_results(tmp_path, "test")["test_accuracy"] >= PAIR_ACCURACY
 
 
-def single_sentence_command(output_dir, *extra):
+def small_task_command(output_dir, task, extension, learning_rate, train, *extra):
+    """A short run on the reviews or similarity fixture; `train` adds --do_train on its training file."""
+    folder = DATA / task
+    training = ["--do_train", "--train_file", str(folder / f"train.{extension}")] if train else []
     return [
         "--model_name_or_path", str(MODELS / "tiny-bert"),
         "--output_dir", str(output_dir),
-        "--validation_file", str(DATA / "reviews" / "validation.jsonl"),
+        "--validation_file", str(folder / f"validation.{extension}"),
         "--per_device_train_batch_size=4",
-        "--learning_rate=5e-4",
+        f"--learning_rate={learning_rate}",
         "--num_train_epochs=3",
         "--disable_tqdm",
         "--do_eval",
+        *training,
         *extra,
     ]
 
 
-def test_single_sentences_with_integer_labels_from_json_lines(tmp_path):
-    glue().main(single_sentence_command(tmp_path, "--do_train", "--train_file", str(DATA / "reviews" / "train.jsonl")))
+@pytest.mark.parametrize("train", [True, False], ids=["trained", "untrained"])
+def test_single_sentences_with_integer_labels_from_json_lines(tmp_path, train):
+    glue().main(small_task_command(tmp_path, "reviews", "jsonl", 5e-4, train))
     results = read_results(tmp_path)
-    assert results["eval_accuracy"] >= SINGLE_ACCURACY
-    assert "eval_f1" in results
+    if train:
+        assert results["eval_accuracy"] >= SINGLE_ACCURACY and "eval_f1" in results
+    else:
+        assert results["eval_accuracy"] < SINGLE_ACCURACY
 
 
-def test_untrained_model_fails_the_single_sentence_threshold(tmp_path):
-    glue().main(single_sentence_command(tmp_path))
-    assert read_results(tmp_path)["eval_accuracy"] < SINGLE_ACCURACY
-
-
-def regression_command(output_dir, *extra):
-    return [
-        "--model_name_or_path", str(MODELS / "tiny-bert"),
-        "--output_dir", str(output_dir),
-        "--validation_file", str(DATA / "similarity" / "validation.csv"),
-        "--label_column_name", "score",
-        "--per_device_train_batch_size=4",
-        "--learning_rate=1e-3",
-        "--num_train_epochs=3",
-        "--disable_tqdm",
-        "--do_eval",
-        *extra,
-    ]
-
-
-def test_float_labels_train_a_regression(tmp_path):
-    glue().main(regression_command(tmp_path, "--do_train", "--train_file", str(DATA / "similarity" / "train.csv")))
+@pytest.mark.parametrize("train", [True, False], ids=["trained", "untrained"])
+def test_float_labels_train_a_regression(tmp_path, train):
+    glue().main(small_task_command(tmp_path, "similarity", "csv", 1e-3, train, "--label_column_name", "score"))
     results = read_results(tmp_path)
-    assert results["eval_mse"] <= REGRESSION_MSE
-    assert results["eval_pearson"] >= REGRESSION_PEARSON
     assert "eval_accuracy" not in results
-
-
-def test_untrained_model_fails_the_regression_threshold(tmp_path):
-    glue().main(regression_command(tmp_path))
-    results = read_results(tmp_path)
-    assert results["eval_mse"] > REGRESSION_MSE and results["eval_pearson"] < REGRESSION_PEARSON
+    if train:
+        assert results["eval_mse"] <= REGRESSION_MSE and results["eval_pearson"] >= REGRESSION_PEARSON
+    else:
+        assert results["eval_mse"] > REGRESSION_MSE and results["eval_pearson"] < REGRESSION_PEARSON

@@ -101,15 +101,7 @@ def main(argv=None):
         loss = float(outputs["loss_sum"].sum() / max(outputs["count"].sum(), 1))
         return {"loss": loss, "perplexity": metrics.perplexity(loss)}
 
-    trainer = run.trainer(loss_fn, predict_fn)
-    params = model.params
-    if training_args.do_train:
-        params = trainer.train(params, rows["train"], rows.get("validation"), compute_metrics)
-        run.save_model(model, params, tokenizer)
-    if training_args.do_eval:
-        trainer.evaluate(params, rows["validation"], compute_metrics, split="eval")
-    if training_args.do_predict:
-        trainer.evaluate(params, rows["test"], compute_metrics, split="test")
+    run.train_evaluate_predict(model, tokenizer, rows, loss_fn, predict_fn, compute_metrics)
 
 
 if __name__ == "__main__":

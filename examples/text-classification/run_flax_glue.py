@@ -115,7 +115,7 @@ def main(argv=None):
 
     import jax.numpy as jnp
 
-    from flax_finetune import losses, models
+    from flax_finetune import losses
 
     reference = next(iter(splits.values()))
     columns = text_columns(reference.column_names, data_args)
@@ -133,13 +133,7 @@ def main(argv=None):
     is_regression = labels is None
     label_to_id = None if is_regression else {label: index for index, label in enumerate(labels)}
     if not is_regression:
-        for split in ("validation", "test"):
-            if split in splits and data_args.label_column_name in splits[split].column_names:
-                unknown = sorted(set(splits[split][data_args.label_column_name]) - set(label_to_id) - {-1}, key=str)
-                if unknown:
-                    raise InputError(
-                        f"the {split} file has labels not seen in training: {', '.join(map(str, unknown[:10]))}"
-                    )
+        scripts.require_known_labels(splits, data_args.label_column_name, set(label_to_id) | {-1})
         config.update(
             {"label2id": {str(k): v for k, v in label_to_id.items()},
              "id2label": {v: str(k) for k, v in label_to_id.items()}}
@@ -165,48 +159,47 @@ def main(argv=None):
     rows = {split: run.tokenize(dataset, tokenize, pad_values, length, data_args) for split, dataset in splits.items()}
     model = run.model(model_args, "sequence-classification", config)
 
-    def forward(params, batch, **kwargs):
-        return model(params, **{name: batch[name] for name in input_names}, **kwargs).logits
+    def losses_and_logits(params, batch, weights, **kwargs):
+        """Loss sums and counts (both [batch] with per_example) and the logits [batch, num_labels]."""
+        logits = model(params, **{name: batch[name] for name in input_names}, **kwargs).logits
+        if is_regression:
+            return (*losses.squared_error(logits[..., 0], batch["labels"], weights, per_example=True), logits)
+        return (*losses.cross_entropy(logits, batch["labels"], weights, per_example=True), logits)
 
     def loss_fn(params, batch, dropout_rng):
-        logits = forward(params, batch, dropout_rng=dropout_rng, train=True)
-        if is_regression:
-            return losses.squared_error(logits[..., 0], batch["labels"], batch["example_mask"])
-        return losses.cross_entropy(logits, batch["labels"], batch["example_mask"])
+        loss_sum, count, _ = losses_and_logits(params, batch, batch["example_mask"], dropout_rng=dropout_rng, train=True)
+        return loss_sum.sum(), count.sum()
 
     def predict_fn(params, batch):
-        logits = forward(params, batch, train=False)
+        if "labels" not in batch:  # an unlabelled test file: predictions only
+            batch = {**batch, "labels": jnp.zeros(batch["example_mask"].shape, jnp.float32 if is_regression else jnp.int32)}
+        loss, _, logits = losses_and_logits(params, batch, jnp.ones_like(batch["example_mask"]), train=False)
         predictions = logits[..., 0] if is_regression else jnp.argmax(logits, axis=-1)
-        return {"predictions": predictions, "labels": batch.get("labels", jnp.zeros_like(predictions))}
+        return {"predictions": predictions, "labels": batch["labels"], "loss": loss}
 
     def compute_metrics(outputs):
         predictions, references = outputs["predictions"], outputs["labels"]
         if is_regression:
             return {
+                "loss": float(np.mean(outputs["loss"])),
                 "pearson": metrics.pearson(predictions, references),
                 "spearmanr": metrics.spearman(predictions, references),
                 "mse": float(np.mean((predictions - references) ** 2)),
             }
-        scores = {"accuracy": metrics.accuracy(predictions, references)}
+        scores = {"loss": float(np.mean(outputs["loss"])), "accuracy": metrics.accuracy(predictions, references)}
         if len(labels) == 2:
             scores["f1"] = metrics.binary_f1(predictions, references, positive=1)
         return scores
 
-    trainer = run.trainer(loss_fn, predict_fn)
-    params = model.params
-    if training_args.do_train:
-        params = trainer.train(params, rows["train"], rows.get("validation"), compute_metrics)
-        run.save_model(model, params, tokenizer)
-    if training_args.do_eval:
-        trainer.evaluate(params, rows["validation"], compute_metrics, split="eval")
-    if training_args.do_predict:
-        predictions = trainer.predict(params, rows["test"])["predictions"]
-        names = predictions if is_regression else [labels[int(index)] for index in predictions]
-        run.output.write_text(
-            "predict_results.txt", "index\tprediction\n" + "".join(f"{i}\t{name}\n" for i, name in enumerate(names))
-        )
-        if "labels" in splits["test"].column_names or data_args.label_column_name in splits["test"].column_names:
-            trainer.evaluate(params, rows["test"], compute_metrics, split="test")
+    def write_predictions(outputs):
+        names = outputs["predictions"] if is_regression else [labels[int(i)] for i in outputs["predictions"]]
+        lines = "".join(f"{index}\t{name}\n" for index, name in enumerate(names))
+        run.output.write_text("predict_results.txt", "index\tprediction\n" + lines)
+
+    test_has_labels = "test" in splits and data_args.label_column_name in splits["test"].column_names
+    run.train_evaluate_predict(
+        model, tokenizer, rows, loss_fn, predict_fn, compute_metrics, write_predictions, test_has_labels
+    )
 
 
 if __name__ == "__main__":

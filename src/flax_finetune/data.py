@@ -81,6 +81,8 @@ def load_splits(
             cause = error.__cause__ or error.__context__ or error
             if isinstance(cause, UnicodeDecodeError) or isinstance(error, UnicodeDecodeError):
                 raise InputError(f"--{flag} {path}: the file is not valid UTF-8 text") from None
+            if "corresponds to no data" in str(error):  # datasets' words for a file with a header and no rows
+                raise InputError(f"--{flag} {path}: the file holds no examples") from None
             raise InputError(f"--{flag} {path}: cannot read it as {builder} ({type(cause).__name__}: {cause})") from None
         if len(splits[split]) == 0:
             raise InputError(f"--{flag} {path}: the file holds no examples")

@@ -39,10 +39,13 @@ def cross_entropy(
     return jnp.sum(losses * weights, axis=axes), jnp.sum(weights, axis=axes)
 
 
-def squared_error(predictions: jax.Array, targets: jax.Array, weights: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Squared error summed over weighted items; all arrays of the same shape."""
+def squared_error(
+    predictions: jax.Array, targets: jax.Array, weights: jax.Array, per_example: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """Squared error summed over weighted items (all arrays one shape); `per_example` as in cross_entropy."""
     errors = (predictions.astype(jnp.float32) - targets.astype(jnp.float32)) ** 2
-    return jnp.sum(errors * weights), jnp.sum(weights)
+    axes = tuple(range(1, errors.ndim)) if per_example else None
+    return jnp.sum(errors * weights, axis=axes), jnp.sum(weights, axis=axes)
 
 
 def token_weights(example_mask: jax.Array, token_mask: jax.Array) -> jax.Array:

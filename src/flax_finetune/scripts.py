@@ -37,6 +37,7 @@ def setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False  # libraries that configure the root logger would print every line twice
     for noisy in ("absl", "jax._src.xla_bridge", "datasets", "transformers.modeling_flax_utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -63,6 +64,21 @@ def require_columns(dataset: Any, names: Sequence[str], data_args: Any, split: s
             f"--{flag} {source}: no column {', '.join(map(repr, missing))}; "
             f"the columns found are {', '.join(dataset.column_names)}"
         )
+
+
+def require_known_labels(splits: Mapping[str, Any], column: str, known: set, nested: bool = False) -> None:
+    """Stop when an evaluation or test split has a label outside `known` (the training labels).
+
+    `nested`: the column holds a list of labels per example (token tags).
+    """
+    for split in ("validation", "test"):
+        if split not in splits or column not in splits[split].column_names:
+            continue
+        values = splits[split][column]
+        seen = {label for row in values for label in row} if nested else set(values)
+        unknown = sorted(seen - known, key=str)
+        if unknown:
+            raise InputError(f"the {split} file has labels not seen in training: {', '.join(map(str, unknown[:10]))}")
 
 
 def pad_rows(dataset: Any, pad_values: Mapping[str, int], length: Optional[int]) -> data.ArrayRows:
@@ -213,6 +229,42 @@ class Run:
 
         self.output.create()
         return Trainer(self.args, self.output, loss_fn, predict_fn)
+
+    def train_evaluate_predict(
+        self,
+        model: Any,
+        tokenizer: Any,
+        rows: Mapping[str, data.Rows],
+        loss_fn: Callable,
+        predict_fn: Callable,
+        compute_metrics: Callable,
+        write_predictions: Optional[Callable[[Mapping[str, np.ndarray]], None]] = None,
+        test_has_labels: bool = True,
+    ) -> Any:
+        """What the --do_* flags ask for, in order; returns the final params.
+
+        --do_train trains on rows["train"] (evaluating rows["validation"] every
+        --eval_steps) and saves the model; --do_eval writes eval_results.json;
+        --do_predict hands the outputs on rows["test"] to `write_predictions`
+        and, when the test split has labels, writes test_results.json.
+        """
+        import time
+
+        trainer = self.trainer(loss_fn, predict_fn)
+        params = model.params
+        if self.args.do_train:
+            params = trainer.train(params, rows["train"], rows.get("validation"), compute_metrics)
+            self.save_model(model, params, tokenizer)
+        if self.args.do_eval:
+            trainer.evaluate(params, rows["validation"], compute_metrics, split="eval")
+        if self.args.do_predict:
+            started = time.perf_counter()
+            outputs = trainer.predict(params, rows["test"])
+            if write_predictions is not None:
+                write_predictions(outputs)
+            if test_has_labels:
+                trainer.report(compute_metrics(outputs), "test", time.perf_counter() - started, len(rows["test"]))
+        return params
 
     def save_model(self, model: Any, params: Any, tokenizer: Any) -> None:
         """The trained model as a `save_pretrained` folder in --output_dir: config, weights, tokenizer."""

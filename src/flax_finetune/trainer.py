@@ -165,6 +165,7 @@ class Trainer:
 
     def predict(self, params: Any, rows: data.Rows) -> dict[str, np.ndarray]:
         """`predict_fn` outputs for every row, in dataset order: {name: [num_rows, ...]}."""
+        params = jax.device_put(params, training.replicated(self.mesh))
         plan = self._plan(len(rows), self.args.per_device_eval_batch_size)
         order = plan.order(seed=None)[:, 0, :]  # [num_batches, batch]
         per_call = min(plan.num_batches, EVAL_BATCHES_PER_CALL)
@@ -189,9 +190,14 @@ class Trainer:
     ) -> dict[str, float]:
         """Metrics on `rows` with `{split}_` keys; written to `{split}_results.json` when `write`."""
         started = time.perf_counter()
-        metrics = dict(compute_metrics(self.predict(params, rows)))
-        metrics.update(runtime=time.perf_counter() - started, samples=len(rows))
-        prefixed = {f"{split}_{name}": value for name, value in metrics.items()}
+        outputs = self.predict(params, rows)
+        return self.report(compute_metrics(outputs), split, time.perf_counter() - started, len(rows), write)
+
+    def report(
+        self, metrics: Mapping[str, float], split: str, runtime: float, samples: int, write: bool = True
+    ) -> dict[str, float]:
+        """Log `metrics` of a split (with its runtime and size) and write `{split}_results.json`."""
+        prefixed = {f"{split}_{name}": value for name, value in {**metrics, "runtime": runtime, "samples": samples}.items()}
         if write:
             self.output.write_results(split, prefixed)
         logger.info("%s: %s", split, ", ".join(f"{k}={v:.4g}" for k, v in prefixed.items()))

@@ -181,4 +181,4 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh)
     def init(params):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
-    return jax.jit(init, out_shardings=replicated(mesh))(params)
+    return jax.jit(init, out_shardings=replicated(mesh))(jax.device_put(params, replicated(mesh)))

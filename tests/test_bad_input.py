@@ -1,0 +1,94 @@
+"""Bad input stops a script before training with one clear line, leaving --output_dir as it was."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, EXAMPLES, MODELS, load_script, snapshot
+from flax_finetune.errors import InputError
+
+GLUE = "text-classification/run_flax_glue.py"
+CLM = "language-modeling/run_clm_flax.py"
+
+
+def glue_args(output_dir, train, validation=None, *extra):
+    return ["--model_name_or_path", str(MODELS / "tiny-bert"), "--output_dir", str(output_dir),
+            "--train_file", str(train), "--validation_file", str(validation or DATA / "paraphrase" / "validation.csv"),
+            "--overwrite_output_dir", "--disable_tqdm", *extra]
+
+
+def clm_args(output_dir, train, *extra):
+    return ["--model_name_or_path", str(MODELS / "tiny-gpt2"), "--output_dir", str(output_dir),
+            "--train_file", str(train), "--do_train", "--overwrite_output_dir", "--disable_tqdm", *extra]
+
+
+@pytest.fixture
+def output_dir(tmp_path):
+    """An output directory holding a file of the user's."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("the user's own file")
+    return folder
+
+
+def write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+CASES = {
+    "glue: missing file": (GLUE, lambda d, t: glue_args(d, t / "nope.csv"), "--train_file .*nope.csv: no such file"),
+    "glue: unsupported extension": (
+        GLUE, lambda d, t: glue_args(d, write(t / "train.tsv", "a\tb\n")), "unsupported extension '.tsv'"),
+    "glue: missing label column": (
+        GLUE, lambda d, t: glue_args(d, write(t / "train.csv", "sentence1,sentence2,target\na,b,x\n")),
+        "no column 'label'; the columns found are sentence1, sentence2, target"),
+    "glue: missing text column": (
+        GLUE, lambda d, t: glue_args(d, DATA / "paraphrase" / "train.csv", None, "--text_column_name", "premise"),
+        "no column 'premise'; the columns found are sentence1, sentence2, label"),
+    "glue: evaluation label not seen in training": (
+        GLUE, lambda d, t: glue_args(d, DATA / "paraphrase" / "train.csv",
+                                     write(t / "validation.csv", "sentence1,sentence2,label\na,b,maybe\n")),
+        "labels not seen in training: maybe"),
+    "clm: missing file": (CLM, lambda d, t: clm_args(d, t / "nope.txt"), "--train_file .*nope.txt: no such file"),
+    "clm: unsupported extension": (CLM, lambda d, t: clm_args(d, write(t / "train.md", "# text\n")),
+                                   "unsupported extension '.md'"),
+    "clm: empty file": (CLM, lambda d, t: clm_args(d, write(t / "train.txt", "")), "the file is empty"),
+    "clm: unknown model type": (
+        CLM, lambda d, t: ["--model_type", "no-such-model", "--tokenizer_name", str(MODELS / "tiny-gpt2"),
+                           "--output_dir", str(d), "--overwrite_output_dir", "--train_file",
+                           str(DATA / "prose" / "validation.txt"), "--do_train"],
+        "--model_type no-such-model: unknown"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_leaves_the_output_directory_untouched(case, output_dir, tmp_path):
+    script, make_args, message = CASES[case]
+    before = snapshot(output_dir)
+    with pytest.raises(InputError, match=message) as error:
+        load_script(script).main(make_args(output_dir, tmp_path))
+    assert "\n" not in str(error.value)
+    assert snapshot(output_dir) == before
+
+
+@pytest.mark.parametrize("script", [GLUE, CLM])
+def test_non_empty_output_dir_needs_overwrite(script, output_dir):
+    args = (glue_args if script == GLUE else clm_args)(output_dir, DATA / "paraphrase" / "train.csv")
+    args.remove("--overwrite_output_dir")
+    with pytest.raises(InputError, match="not empty; pass --overwrite_output_dir"):
+        load_script(script).main(args)
+    assert snapshot(output_dir) == {"keep.txt": b"the user's own file"}
+
+
+def test_the_command_prints_one_line_and_exits_2(output_dir, tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / CLM), *clm_args(output_dir, tmp_path / "missing.txt")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --train_file")
+    assert "Traceback" not in result.stderr

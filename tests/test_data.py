@@ -1,0 +1,104 @@
+"""Loading files and cutting them into fixed-shape batches."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from flax_finetune import data
+from flax_finetune.errors import InputError
+
+
+def test_an_epoch_visits_every_example_once_and_pads_the_last_batch():
+    plan = data.BatchPlan(num_examples=10, micro_batch_size=4)
+    order = plan.order(seed=3, epoch=0)
+    assert order.shape == (3, 1, 4)
+    flat = order.reshape(-1)
+    assert sorted(flat[flat >= 0].tolist()) == list(range(10))
+    assert flat[-2:].tolist() == [-1, -1]
+
+
+def test_shuffling_is_a_function_of_seed_and_epoch():
+    plan = data.BatchPlan(num_examples=50, micro_batch_size=5)
+    assert np.array_equal(plan.order(7, 0), plan.order(7, 0))
+    assert not np.array_equal(plan.order(7, 0), plan.order(7, 1))
+    assert not np.array_equal(plan.order(7, 0), plan.order(8, 0))
+    assert plan.order(None).reshape(-1).tolist() == list(range(50))
+
+
+def test_processes_split_every_micro_batch_between_them():
+    single = data.BatchPlan(num_examples=24, micro_batch_size=8, micro_batches=2)
+    batch = single.order(seed=1)[0]
+    shares = [
+        data.BatchPlan(24, 8, micro_batches=2, process_index=index, process_count=2).local(batch) for index in (0, 1)
+    ]
+    assert shares[0].shape == (2, 4)
+    assert np.array_equal(np.concatenate(shares, axis=1), batch)
+
+
+def test_gather_masks_padding_and_keeps_shapes():
+    rows = data.ArrayRows({"ids": np.arange(12).reshape(6, 2), "label": np.arange(6)})
+    batch = data.gather(rows, np.array([[4, -1, 0]]))
+    assert batch["ids"].shape == (1, 3, 2)
+    assert batch["example_mask"].tolist() == [[1.0, 0.0, 1.0]]
+    assert batch["label"][0, 0] == 4 and batch["label"][0, 2] == 0
+
+
+def test_dataset_smaller_than_a_batch_is_one_padded_batch(caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("flax_finetune"), "propagate", True)  # let caplog see it
+    plan = data.BatchPlan(num_examples=3, micro_batch_size=8)
+    assert plan.num_batches == 1
+    data.warn_if_smaller_than_batch(3, 8, "train")
+    assert "fewer than one global batch" in caplog.text
+
+
+def write(path, text, encoding="utf-8"):
+    path.write_bytes(text.encode(encoding) if isinstance(text, str) else text)
+    return str(path)
+
+
+def test_loads_csv_json_lines_and_text(tmp_path):
+    splits = data.load_splits(
+        {
+            "train": ("train_file", write(tmp_path / "t.csv", "a,label\nhello,x\nworld,y\n")),
+            "validation": ("validation_file", write(tmp_path / "v.jsonl", '{"a": "hi", "label": "x"}\n')),
+            "test": ("test_file", write(tmp_path / "p.txt", "one line\nanother\n")),
+        },
+        extensions=(".csv", ".jsonl", ".txt"),
+    )
+    assert splits["train"]["a"] == ["hello", "world"]
+    assert splits["validation"]["label"] == ["x"]
+    assert splits["test"]["text"] == ["one line\n", "another\n"]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.csv", None, "no such file"),
+        ("data.parquet", "x", "unsupported extension '.parquet'; use one of .csv, .json"),
+        ("empty.csv", "", "the file is empty"),
+        ("header_only.csv", "a,label\n", "holds no examples"),
+        ("latin1.csv", "a,label\ncaf\xe9,x\n".encode("latin-1"), "not valid UTF-8"),
+    ],
+)
+def test_bad_files_stop_with_one_clear_message(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        write(path, content)
+    with pytest.raises(InputError, match=message) as error:
+        data.load_splits({"train": ("train_file", str(path))}, extensions=(".csv", ".json"))
+    assert str(error.value).startswith(f"--train_file {path}")
+    assert "\n" not in str(error.value)
+
+
+def test_hold_out_takes_the_last_percent():
+    import datasets
+
+    dataset = datasets.Dataset.from_dict({"text": [str(i) for i in range(20)]})
+    train, validation = data.hold_out(dataset, 10)
+    assert train["text"] == [str(i) for i in range(18)]
+    assert validation["text"] == ["18", "19"]
+    with pytest.raises(InputError):
+        data.hold_out(dataset, 0)
