@@ -52,21 +52,28 @@ def test_untrained_model_fails_the_perplexity_threshold(tmp_path):
 
 
 def test_training_from_scratch_with_model_type(tmp_path):
-    """--model_type + --tokenizer_name train a new model; the vocabulary follows the tokenizer."""
+    """--model_type + --tokenizer_name train a new model; the vocabulary follows the tokenizer.
+
+    The data comes as JSON Lines with a `text` column, and the validation split
+    is held out of the training file.
+    """
+    lines = (DATA / "prose" / "validation.txt").read_text().splitlines()
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"id": index, "text": line}) + "\n" for index, line in enumerate(lines)))
     clm().main([
         "--model_type", "gpt2",
         "--config_overrides", "n_embd=32,n_layer=1,n_head=2,n_positions=64",
         "--tokenizer_name", str(MODELS / "tiny-gpt2"),
-        "--train_file", str(DATA / "prose" / "validation.txt"),
+        "--train_file", str(train),
         "--do_train", "--do_eval",
         "--validation_split_percentage", "20",
         "--block_size", "64",
         "--per_device_train_batch_size", "4",
         "--num_train_epochs", "1",
-        "--output_dir", str(tmp_path),
+        "--output_dir", str(tmp_path / "out"),
         "--disable_tqdm",
     ])
-    results = read_results(tmp_path)
+    results = read_results(tmp_path / "out")
     assert results["eval_samples"] >= 1 and results["eval_perplexity"] > 1
-    config = json.loads((tmp_path / "config.json").read_text())
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["n_embd"], config["n_layer"], config["vocab_size"]) == (32, 1, 500)

@@ -12,9 +12,8 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
-
 import numpy as np
+import pytest
 
 from conftest import DATA, EXAMPLES, MODELS, load_script, read_log, read_results
 
@@ -44,32 +43,36 @@ def train_losses(output_dir):
     return np.array([record["train_loss"] for record in read_log(output_dir) if "train_loss" in record])
 
 
-def test_eight_devices_match_one(tmp_path):
-    runs = {"glue": (glue_args, "text-classification/run_flax_glue.py"),
-            "clm": (clm_args, "language-modeling/run_clm_flax.py")}
-    program = textwrap.dedent(f"""
-        import importlib.util, json, sys
-        import jax
-        assert jax.device_count() == 8, jax.devices()
-        for path, args in json.loads(sys.argv[1]):
-            spec = importlib.util.spec_from_file_location("script", path)
-            module = sys.modules["script"] = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            module.main(args)
-    """)
-    jobs = [(str(EXAMPLES / script), make(tmp_path / f"{name}-8", per_device_batch=8))
-            for name, (make, script) in runs.items()]
+RUNS = {
+    "run_flax_glue": (glue_args, "text-classification/run_flax_glue.py"),
+    "run_clm_flax": (clm_args, "language-modeling/run_clm_flax.py"),
+}
+PROGRAM = """
+import importlib.util, json, sys
+import jax
+assert jax.device_count() == 8, jax.devices()
+path, args = json.loads(sys.argv[1])
+spec = importlib.util.spec_from_file_location("script", path)
+module = sys.modules["script"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.main(args)
+"""
+
+
+@pytest.mark.parametrize("name", list(RUNS))
+def test_eight_devices_match_one(tmp_path, name):
+    make_args, script = RUNS[name]
+    one, eight = tmp_path / "one-device", tmp_path / "eight-devices"
     environment = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-c", program, json.dumps(jobs)], env=environment,
+    job = json.dumps([str(EXAMPLES / script), make_args(eight, per_device_batch=8)])
+    result = subprocess.run([sys.executable, "-c", PROGRAM, job], env=environment,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
+    load_script(script).main(make_args(one, per_device_batch=1))
 
-    for name, (make, script) in runs.items():
-        load_script(script).main(make(tmp_path / f"{name}-1", per_device_batch=1))
-        one, eight = tmp_path / f"{name}-1", tmp_path / f"{name}-8"
-        np.testing.assert_allclose(train_losses(eight), train_losses(one), rtol=RELATIVE_TOLERANCE)
-        results_one, results_eight = read_results(one), read_results(eight)
-        for key, value in results_one.items():
-            if key.endswith(("_runtime",)):
-                continue
+    np.testing.assert_allclose(train_losses(eight), train_losses(one), rtol=RELATIVE_TOLERANCE)
+    results_one, results_eight = read_results(one), read_results(eight)
+    assert set(results_one) == set(results_eight)
+    for key, value in results_one.items():
+        if not key.endswith("_runtime"):
             np.testing.assert_allclose(results_eight[key], value, rtol=RELATIVE_TOLERANCE, err_msg=key)

@@ -50,6 +50,14 @@ def test_sentence_pairs_with_string_labels(tmp_path):
     assert '"not_equivalent"' in config and (tmp_path / "tokenizer.json").exists()
 
 
+def test_max_samples_flags_cut_the_splits(tmp_path):
+    args = paraphrase_command(tmp_path) + ["--max_train_samples", "10", "--max_eval_samples", "5", "--num_train_epochs", "1"]
+    glue().main(args)
+    assert read_results(tmp_path, "train")["train_samples"] == 10
+    assert read_results(tmp_path, "train")["train_steps"] == 5  # 10 examples in batches of 2
+    assert read_results(tmp_path)["eval_samples"] == 5
+
+
 def test_untrained_model_fails_the_pair_threshold(tmp_path):
     args = paraphrase_command(tmp_path)
     args.remove("--train_file")

@@ -33,14 +33,22 @@ class Checkpoints:
     """The checkpoints of one run, under `<output_dir>/checkpoints/checkpoint_<step>`."""
 
     def __init__(self, directory: Path, max_to_keep: Optional[int] = None):
-        ocp = _orbax()
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, step_prefix=STEP_PREFIX, create=True
-            ),
-        )
+        self.max_to_keep = max_to_keep
+        self._manager = None
+
+    @property
+    def manager(self):
+        """The orbax manager, made (and orbax imported) on first use: a run that never saves never pays."""
+        if self._manager is None:
+            ocp = _orbax()
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=self.max_to_keep, step_prefix=STEP_PREFIX, create=True
+                ),
+            )
+        return self._manager
 
     def save(self, step: int, state: Any, position: dict) -> None:
         ocp = _orbax()
@@ -50,7 +58,8 @@ class Checkpoints:
         )
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        if self._manager is not None:
+            self._manager.wait_until_finished()
 
     def latest_step(self) -> Optional[int]:
         return self.manager.latest_step()
@@ -66,7 +75,8 @@ class Checkpoints:
         return restored["state"], dict(restored["position"])
 
     def close(self) -> None:
-        self.manager.close()
+        if self._manager is not None:
+            self._manager.close()
 
 
 def find_checkpoint(path: str) -> tuple[Path, int]:

@@ -1,0 +1,33 @@
+"""The fixture builders are deterministic: rebuilding gives the committed bytes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import DATA, FIXTURES, MODELS, snapshot
+
+
+@pytest.mark.slow
+def test_rebuilt_models_equal_the_committed_ones(tmp_path):
+    subprocess.run([sys.executable, str(FIXTURES / "build_models.py"), str(tmp_path)], check=True,
+                   capture_output=True, timeout=600)
+    assert snapshot(tmp_path) == snapshot(MODELS)
+
+
+def test_committed_models_are_small():
+    for folder in MODELS.iterdir():
+        assert sum(len(content) for content in snapshot(folder).values()) < 2_000_000, folder.name
+
+
+def test_data_generator_is_deterministic(tmp_path, monkeypatch):
+    sys.path.insert(0, str(FIXTURES))
+    try:
+        import make_data
+    finally:
+        sys.path.remove(str(FIXTURES))
+    monkeypatch.setattr(make_data, "DATA", tmp_path)
+    make_data.main()
+    assert snapshot(tmp_path) == snapshot(DATA)
