@@ -66,7 +66,7 @@ def cells(backend: str) -> list[Cell]:
 def install_cell(session: nox.Session, cell: Cell) -> None:
     if not cell.constraints.exists():
         session.error(f"{cell.constraints.relative_to(ROOT)} is missing: run `nox -s lock`")
-    session.install("-c", str(cell.constraints), "-e", ".", "--group", "test")
+    session.install("-c", str(cell.constraints), "-e", ".[all]", "--group", "test")
 
 
 def runtime_env(session: nox.Session, backend: str) -> dict[str, str]:
@@ -146,7 +146,7 @@ def lock(session: nox.Session) -> None:
         )
         session.run(
             "uv", "pip", "compile", "pyproject.toml", str(cell.requirements.relative_to(ROOT)),
-            "--group", "test", "--python-version", cell.python, "--python-platform", LOCK_PLATFORM,
+            "--all-extras", "--group", "test", "--python-version", cell.python, "--python-platform", LOCK_PLATFORM,
             "--exclude-newer", EXCLUDE_NEWER, "--custom-compile-command", "nox -s lock", "--quiet",
             "-o", str(cell.constraints.relative_to(ROOT)),
         )

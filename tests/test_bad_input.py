@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,6 +13,12 @@ from flax_finetune.errors import InputError
 
 GLUE = "text-classification/run_flax_glue.py"
 CLM = "language-modeling/run_clm_flax.py"
+MLM = "language-modeling/run_mlm_flax.py"
+T5 = "language-modeling/run_t5_mlm_flax.py"
+SUMMARIZATION = "summarization/run_summarization_flax.py"
+NER = "token-classification/run_flax_ner.py"
+QA = "question-answering/run_qa.py"
+SPEECH = "speech-recognition/run_flax_speech_recognition_seq2seq.py"
 
 
 def glue_args(output_dir, train, validation=None, *extra):
@@ -39,6 +46,22 @@ def write(path, text):
     return path
 
 
+def common(output_dir, model, train, *extra):
+    return ["--model_name_or_path", str(MODELS / model), "--output_dir", str(output_dir), "--overwrite_output_dir",
+            "--train_file", str(train), "--do_train", "--disable_tqdm", *extra]
+
+
+def squad_with_wrong_start(folder):
+    records = json.loads((DATA / "squad" / "validation.json").read_text())["data"]
+    records[1]["answers"]["answer_start"] = [records[1]["answers"]["answer_start"][0] + 3]
+    return write(folder / "squad.json", json.dumps({"data": records}))
+
+
+def speech_with_broken_clip(folder):
+    (folder / "broken.flac").write_bytes(b"not audio at all")
+    return write(folder / "clips.csv", "file_name,transcript\nbroken.flac,hello there\n")
+
+
 CASES = {
     "glue: missing file": (GLUE, lambda d, t: glue_args(d, t / "nope.csv"), "--train_file .*nope.csv: no such file"),
     "glue: unsupported extension": (
@@ -62,6 +85,32 @@ CASES = {
                            "--output_dir", str(d), "--overwrite_output_dir", "--train_file",
                            str(DATA / "prose" / "validation.txt"), "--do_train"],
         "--model_type no-such-model: unknown"),
+    "mlm: missing file": (MLM, lambda d, t: common(d, "tiny-roberta", t / "nope.txt"), "nope.txt: no such file"),
+    "t5: too little text for one chunk": (
+        T5, lambda d, t: common(d, "tiny-t5", write(t / "short.txt", "A few words only.\n"), "--max_seq_length", "128"),
+        "fewer than one chunk of 141"),
+    "summarization: missing summary column": (
+        SUMMARIZATION, lambda d, t: common(d, "tiny-t5", write(t / "s.jsonl", '{"document": "a text"}\n'),
+                                           "--summary_column", "abstract"),
+        "no column 'abstract'; the columns found are document"),
+    "ner: evaluation tag not seen in training": (
+        NER, lambda d, t: common(d, "tiny-bert", DATA / "entities" / "train.json", "--do_eval", "--validation_file",
+                                 write(t / "v.json", '{"tokens": ["Ada"], "ner_tags": ["B-MISC"]}\n')),
+        "labels not seen in training: B-MISC"),
+    "ner: missing file": (NER, lambda d, t: common(d, "tiny-bert", t / "nope.json"), "nope.json: no such file"),
+    "qa: answer_start not matching the answer": (
+        QA, lambda d, t: common(d, "tiny-bert", squad_with_wrong_start(t), "--version_2_with_negative"),
+        "answer 'a basket of .*' is not at answer_start"),
+    "qa: v2 data without --version_2_with_negative": (
+        QA, lambda d, t: common(d, "tiny-bert", DATA / "squad" / "validation.json"),
+        "has no answer; SQuAD v2 data needs --version_2_with_negative"),
+    "speech: unreadable audio": (
+        SPEECH, lambda d, t: common(d, "tiny-whisper", speech_with_broken_clip(t), "--audio_column_name", "file_name",
+                                    "--text_column_name", "transcript"),
+        "cannot read audio .*broken.flac"),
+    "speech: missing transcript column": (
+        SPEECH, lambda d, t: common(d, "tiny-whisper", DATA / "speech" / "train.csv", "--audio_column_name", "file_name"),
+        "no column 'text'; the columns found are file_name, transcript"),
 }
 
 

@@ -30,4 +30,7 @@ def test_data_generator_is_deterministic(tmp_path, monkeypatch):
         sys.path.remove(str(FIXTURES))
     monkeypatch.setattr(make_data, "DATA", tmp_path)
     make_data.main()
-    assert snapshot(tmp_path) == snapshot(DATA)
+    written = {folder.name for folder in tmp_path.iterdir()}
+    assert written and "speech" not in written  # fixtures/make_speech.py writes that one
+    committed = {name: content for name, content in snapshot(DATA).items() if name.split("/")[0] in written}
+    assert snapshot(tmp_path) == committed

@@ -156,7 +156,7 @@ def test_each_step_function_compiles_once(tmp_path):
     output.create()
     trainer = Trainer(args(tmp_path, eval_steps=2), output, counting_loss, counting_predict)
     rows = toy_rows(10)
-    accuracy = lambda outputs: {"accuracy": float(np.mean(outputs["predictions"] == outputs["labels"]))}
+    accuracy = lambda outputs, split: {"accuracy": float(np.mean(outputs["predictions"] == outputs["labels"]))}
     params = trainer.train(toy_params(), rows, eval_rows=toy_rows(7, seed=2), compute_metrics=accuracy)
     trainer.evaluate(params, toy_rows(7, seed=2), accuracy)
     assert traces == {"loss": 1, "predict": 1}
@@ -171,7 +171,7 @@ def test_training_learns_the_toy_task_and_logs_every_step(tmp_path):
     predict = lambda params, batch: {"predictions": jnp.argmax(batch["x"] @ params["dense"]["kernel"] + params["dense"]["bias"], -1),
                                      "labels": batch["y"]}
     trainer = Trainer(args(tmp_path, num_train_epochs=20, learning_rate=0.3), output, toy_loss, predict)
-    accuracy = lambda outputs: {"accuracy": float(np.mean(outputs["predictions"] == outputs["labels"]))}
+    accuracy = lambda outputs, split: {"accuracy": float(np.mean(outputs["predictions"] == outputs["labels"]))}
     params = trainer.train(toy_params(), toy_rows(64))
     assert trainer.evaluate(params, toy_rows(64, seed=5), accuracy)["eval_accuracy"] >= 0.9
     steps = [line for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "train_loss" in line]

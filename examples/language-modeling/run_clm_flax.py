@@ -23,17 +23,15 @@ from typing import Optional
 import numpy as np
 
 from flax_finetune import metrics, scripts
-from flax_finetune.arguments import DataArguments, ModelArguments, TrainingArguments, arg, parse_args
+from flax_finetune.arguments import ModelArguments, TextDataArguments, TrainingArguments, arg, parse_args
 from flax_finetune.errors import run_cli
 
 
 @dataclasses.dataclass
-class LanguageModelingDataArguments(DataArguments):
+class LanguageModelingDataArguments(TextDataArguments):
     """Data: text files (or a hub dataset) and the block length."""
 
     block_size: Optional[int] = arg(None, "Tokens per training block (default: the model's maximum, at most 1024).")
-    validation_split_percentage: int = arg(5, "Percent of the training data held out when there is no validation file.")
-    keep_linebreaks: bool = arg(True, "Keep line breaks of .txt files in the text.")
 
 
 def concatenate_into_blocks(token_lists: list[list[int]], block_size: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -56,12 +54,7 @@ def main(argv=None):
         (ModelArguments, LanguageModelingDataArguments, TrainingArguments), argv, __doc__
     )
     run = scripts.start(training_args, model_args)
-    splits = run.load_splits(
-        data_args,
-        extensions=(".txt", ".csv", ".json", ".jsonl"),
-        keep_linebreaks=data_args.keep_linebreaks,
-        validation_split_percentage=data_args.validation_split_percentage,
-    )
+    splits = run.load_splits(data_args, extensions=scripts.TEXT_EXTENSIONS)
 
     from flax_finetune import data, losses
 
@@ -73,12 +66,8 @@ def main(argv=None):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     def to_blocks(dataset):
-        text_column = "text" if "text" in dataset.column_names else dataset.column_names[0]
-        tokenized = dataset.map(
-            lambda batch: {"input_ids": tokenizer(batch[text_column])["input_ids"]},
-            batched=True, remove_columns=dataset.column_names, **data_args.map_options,
-        )
-        return data.ArrayRows(concatenate_into_blocks(tokenized["input_ids"], block_size, pad_id))
+        tokens = scripts.token_lists(dataset, tokenizer, data_args, add_special_tokens=True)
+        return data.ArrayRows(concatenate_into_blocks(tokens, block_size, pad_id))
 
     rows = {split: to_blocks(dataset) for split, dataset in splits.items()}
     model = run.model(model_args, "causal-lm", config)
@@ -97,11 +86,11 @@ def main(argv=None):
         loss_sums, counts = token_losses(params, batch, train=False)
         return {"loss_sum": loss_sums, "count": counts}
 
-    def compute_metrics(outputs):
+    def compute_metrics(outputs, split):
         loss = float(outputs["loss_sum"].sum() / max(outputs["count"].sum(), 1))
         return {"loss": loss, "perplexity": metrics.perplexity(loss)}
 
-    run.train_evaluate_predict(model, tokenizer, rows, loss_fn, predict_fn, compute_metrics)
+    run.train_evaluate_predict(model, [tokenizer], rows, loss_fn, predict_fn, compute_metrics)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def main(argv=None):
         predictions = logits[..., 0] if is_regression else jnp.argmax(logits, axis=-1)
         return {"predictions": predictions, "labels": batch["labels"], "loss": loss}
 
-    def compute_metrics(outputs):
+    def compute_metrics(outputs, split):
         predictions, references = outputs["predictions"], outputs["labels"]
         if is_regression:
             return {
@@ -191,14 +191,16 @@ def main(argv=None):
             scores["f1"] = metrics.binary_f1(predictions, references, positive=1)
         return scores
 
-    def write_predictions(outputs):
+    def write_predictions(outputs, split):
+        if split != "test":
+            return
         names = outputs["predictions"] if is_regression else [labels[int(i)] for i in outputs["predictions"]]
         lines = "".join(f"{index}\t{name}\n" for index, name in enumerate(names))
         run.output.write_text("predict_results.txt", "index\tprediction\n" + lines)
 
     test_has_labels = "test" in splits and data_args.label_column_name in splits["test"].column_names
     run.train_evaluate_predict(
-        model, tokenizer, rows, loss_fn, predict_fn, compute_metrics, write_predictions, test_has_labels
+        model, [tokenizer], rows, loss_fn, predict_fn, compute_metrics, write_predictions, test_has_labels
     )
 
 

@@ -122,7 +122,7 @@ def parse_args(
     A single argument ending in `.json` is read as a JSON object of flag values.
     Unknown flags are an error: a flag that is accepted is always honoured.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = [str(item) for item in (sys.argv[1:] if argv is None else argv)]  # paths welcome
     if len(argv) == 1 and argv[0].endswith(".json"):
         argv = _json_to_argv(Path(argv[0]))
     parser = build_parser(dataclass_types, description)
@@ -204,6 +204,14 @@ class DataArguments:
 
 
 @dataclasses.dataclass
+class TextDataArguments(DataArguments):
+    """Data: text files (or a hub dataset)."""
+
+    validation_split_percentage: int = arg(5, "Percent of the training data held out when there is no validation file.")
+    keep_linebreaks: bool = arg(True, "Keep the line breaks of .txt files in the text.")
+
+
+@dataclasses.dataclass
 class TrainingArguments:
     """Training: what to run, batch sizes, optimizer, schedule, logging and checkpoints."""
 
@@ -249,3 +257,18 @@ class TrainingArguments:
             raise InputError("--eval_steps must be at least 1")
         if self.num_train_epochs < 0:
             raise InputError("--num_train_epochs must not be negative")
+
+
+@dataclasses.dataclass
+class Seq2SeqArguments:
+    """Sequence to sequence: label smoothing and generation."""
+
+    label_smoothing_factor: float = arg(0.0, "Label smoothing of the training loss (0: none).")
+    predict_with_generate: bool = arg(False, "Generate text when evaluating and predicting, and score it.")
+    num_beams: Optional[int] = arg(None, "Beams for generation (default: the model's generation config; 1 is greedy).")
+
+    def __post_init__(self):
+        if not 0 <= self.label_smoothing_factor < 1:
+            raise InputError("--label_smoothing_factor must be in [0, 1)")
+        if self.num_beams is not None and self.num_beams < 1:
+            raise InputError("--num_beams must be at least 1")

@@ -14,7 +14,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 import numpy as np
 
@@ -43,7 +43,7 @@ def load_splits(
     files: Mapping[str, tuple[str, Optional[str]]],
     *,
     extensions: Sequence[str] = (".csv", ".json", ".jsonl"),
-    json_field: Optional[str] = None,
+    json_field: Optional[str] = None,  # the top-level key holding the records of .json files
     keep_linebreaks: bool = True,
     dataset_name: Optional[str] = None,
     dataset_config_name: Optional[str] = None,
@@ -70,7 +70,7 @@ def load_splits(
         if path is None:
             continue
         builder = _builder_for(Path(path), flag, extensions)
-        options = {"field": json_field} if builder == "json" and json_field else {}
+        options = {"field": json_field} if Path(path).suffix.lower() == ".json" and json_field else {}
         if builder == "text":
             options["keep_linebreaks"] = keep_linebreaks
         try:
@@ -118,11 +118,16 @@ def take_first(dataset, max_samples: Optional[int]):
 
 
 class Rows(Protocol):
-    """Anything that returns a dict of numpy columns for an array of row indices."""
+    """Anything that returns a dict of numpy columns for a 1-D array of row indices.
+
+    `epoch` lets rows that are made fresh each time (random masking, span
+    corruption) differ between epochs while staying a pure function of
+    (indices, epoch); evaluation always asks for epoch 0.
+    """
 
     def __len__(self) -> int: ...
 
-    def __getitem__(self, indices: np.ndarray) -> Mapping[str, np.ndarray]: ...
+    def take(self, indices: np.ndarray, epoch: int) -> Mapping[str, np.ndarray]: ...
 
 
 class ArrayRows:
@@ -138,8 +143,26 @@ class ArrayRows:
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    def take(self, indices: np.ndarray, epoch: int = 0) -> dict[str, np.ndarray]:
         return {name: column[indices] for name, column in self.columns.items()}
+
+
+class MappedRows:
+    """Rows whose columns a function makes from stored rows at load time.
+
+    `function(columns, indices, epoch) -> columns` gets the stored columns of
+    the rows at `indices` ([n, ...] each) and returns the columns a step sees.
+    """
+
+    def __init__(self, rows: Rows, function: Callable[[Mapping[str, np.ndarray], np.ndarray, int], dict]):
+        self.rows = rows
+        self.function = function
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, indices: np.ndarray, epoch: int = 0) -> dict[str, np.ndarray]:
+        return self.function(self.rows.take(indices, epoch), indices, epoch)
 
 
 def as_rows(dataset, columns: Sequence[str]) -> ArrayRows:
@@ -196,7 +219,7 @@ class BatchPlan:
         return batch_indices[:, self.process_index * width : (self.process_index + 1) * width]
 
 
-def gather(rows: Rows, indices: np.ndarray) -> dict[str, np.ndarray]:
+def gather(rows: Rows, indices: np.ndarray, epoch: int = 0) -> dict[str, np.ndarray]:
     """Load the rows at `indices` (any shape, -1 = padding) with an `example_mask` column.
 
     Padding rows repeat a real row, so every column keeps a valid value, and get
@@ -204,7 +227,7 @@ def gather(rows: Rows, indices: np.ndarray) -> dict[str, np.ndarray]:
     """
     flat = indices.reshape(-1)
     mask = flat >= 0
-    fetched = rows[np.where(mask, flat, flat[mask][0] if mask.any() else 0)]
+    fetched = rows.take(np.where(mask, flat, flat[mask][0] if mask.any() else 0), epoch)
     batch = {name: np.asarray(column).reshape(indices.shape + np.shape(column)[1:]) for name, column in fetched.items()}
     batch[EXAMPLE_MASK] = mask.reshape(indices.shape).astype(np.float32)
     return batch
@@ -214,7 +237,7 @@ def iterate_batches(rows: Rows, plan: BatchPlan, seed: Optional[int], epoch: int
     """This process's part of each batch of one epoch, from batch `start` on."""
     order = plan.order(seed, epoch)
     for batch_indices in order[start:]:
-        yield gather(rows, plan.local(batch_indices))
+        yield gather(rows, plan.local(batch_indices), epoch)
 
 
 def warn_if_smaller_than_batch(num_examples: int, global_batch_size: int, split: str) -> None:

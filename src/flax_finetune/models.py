@@ -161,3 +161,13 @@ def load_tokenizer(name_or_path: str, *, use_fast: bool = True, hub: Optional[di
         return transformers.AutoTokenizer.from_pretrained(name_or_path, use_fast=use_fast, **(hub or {}), **kwargs)
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load a tokenizer from {name_or_path}: {error}") from None
+
+
+def load_feature_extractor(name_or_path: str, *, hub: Optional[dict] = None):
+    """AutoFeatureExtractor (audio front end) from a folder or hub name."""
+    import transformers
+
+    try:
+        return transformers.AutoFeatureExtractor.from_pretrained(name_or_path, **(hub or {}))
+    except (OSError, ValueError) as error:
+        raise InputError(f"cannot load a feature extractor from {name_or_path}: {error}") from None

@@ -28,6 +28,12 @@ from flax_finetune.outputs import OutputDir
 logger = logging.getLogger("flax_finetune")
 
 SPLIT_FLAGS = {"train": "do_train", "validation": "do_eval", "test": "do_predict"}
+TEXT_EXTENSIONS = (".txt", ".csv", ".json", ".jsonl")
+
+
+def text_column(dataset: Any) -> str:
+    """The column holding the text: `text` when there is one, else the first."""
+    return "text" if "text" in dataset.column_names else dataset.column_names[0]
 
 
 def setup_logging() -> None:
@@ -40,6 +46,18 @@ def setup_logging() -> None:
     logger.propagate = False  # libraries that configure the root logger would print every line twice
     for noisy in ("absl", "jax._src.xla_bridge", "datasets", "transformers.modeling_flax_utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def token_lists(dataset: Any, tokenizer: Any, data_args: Any, add_special_tokens: bool) -> list[list[int]]:
+    """The token ids of every text of a split (see `text_column`), for scripts that concatenate them."""
+    column = text_column(dataset)
+    tokenized = dataset.map(
+        lambda batch: {"input_ids": tokenizer(
+            [str(text) for text in batch[column]], add_special_tokens=add_special_tokens, return_attention_mask=False
+        )["input_ids"]},
+        batched=True, remove_columns=dataset.column_names, **data_args.map_options,
+    )
+    return tokenized["input_ids"]
 
 
 def max_sequence_length(requested: Optional[int], tokenizer: Any, config: Any) -> int:
@@ -117,14 +135,17 @@ class Run:
         data_args: Any,
         extensions: Sequence[str],
         json_field: Optional[str] = None,
-        keep_linebreaks: bool = True,
-        validation_split_percentage: Optional[int] = None,
+        hub_split_names: Optional[Mapping[str, str]] = None,
     ) -> dict[str, Any]:
         """The splits the --do_* flags need (validation also for --eval_steps), with --max_*_samples applied.
 
-        With `validation_split_percentage`, a missing validation split is the
-        last that many percent of the training split (which then loses them).
+        With text data arguments (--validation_split_percentage), a missing
+        validation split is the last that many percent of the training split
+        (which then loses them). `hub_split_names` maps train / validation /
+        test to the split names of a --dataset_name that calls them otherwise.
         """
+        validation_split_percentage = getattr(data_args, "validation_split_percentage", None)
+        keep_linebreaks = getattr(data_args, "keep_linebreaks", True)
         needed = {split for split, flag in SPLIT_FLAGS.items() if getattr(self.args, flag)}
         if not needed:
             raise InputError("nothing to do: give --do_train, --do_eval or --do_predict")
@@ -154,8 +175,9 @@ class Run:
             cache_dir=self.model_args.cache_dir,
         )
         if data_args.dataset_name is not None:
-            splits = {split: splits[split] for split in needed if split in splits}
-            missing = needed - set(splits)
+            names = {split: (hub_split_names or {}).get(split, split) for split in needed}
+            splits = {split: splits[name] for split, name in names.items() if name in splits}
+            missing = {names[split] for split in needed - set(splits)}
             if missing:
                 raise InputError(f"--dataset_name {data_args.dataset_name} has no {', '.join(sorted(missing))} split")
         if held_out:
@@ -233,20 +255,22 @@ class Run:
     def train_evaluate_predict(
         self,
         model: Any,
-        tokenizer: Any,
+        processors: Sequence[Any],
         rows: Mapping[str, data.Rows],
         loss_fn: Callable,
         predict_fn: Callable,
         compute_metrics: Callable,
-        write_predictions: Optional[Callable[[Mapping[str, np.ndarray]], None]] = None,
+        write_predictions: Optional[Callable[[Mapping[str, np.ndarray], str], None]] = None,
         test_has_labels: bool = True,
     ) -> Any:
         """What the --do_* flags ask for, in order; returns the final params.
 
         --do_train trains on rows["train"] (evaluating rows["validation"] every
-        --eval_steps) and saves the model; --do_eval writes eval_results.json;
-        --do_predict hands the outputs on rows["test"] to `write_predictions`
-        and, when the test split has labels, writes test_results.json.
+        --eval_steps) and saves the model with its `processors` (tokenizer,
+        feature extractor); --do_eval and --do_predict run
+        predict_fn over rows["validation"] / rows["test"], hand the outputs to
+        `write_predictions(outputs, split)` and write {split}_results.json
+        (for the test split only when it has labels).
         """
         import time
 
@@ -254,23 +278,25 @@ class Run:
         params = model.params
         if self.args.do_train:
             params = trainer.train(params, rows["train"], rows.get("validation"), compute_metrics)
-            self.save_model(model, params, tokenizer)
-        if self.args.do_eval:
-            trainer.evaluate(params, rows["validation"], compute_metrics, split="eval")
-        if self.args.do_predict:
+            self.save_model(model, params, *processors)
+        final = [("validation", "eval", True)] if self.args.do_eval else []
+        final += [("test", "test", test_has_labels)] if self.args.do_predict else []
+        for split, prefix, scored in final:
             started = time.perf_counter()
-            outputs = trainer.predict(params, rows["test"])
+            outputs = trainer.predict(params, rows[split])
             if write_predictions is not None:
-                write_predictions(outputs)
-            if test_has_labels:
-                trainer.report(compute_metrics(outputs), "test", time.perf_counter() - started, len(rows["test"]))
+                write_predictions(outputs, prefix)
+            if scored:
+                trainer.report(compute_metrics(outputs, prefix), prefix, time.perf_counter() - started, len(rows[split]))
         return params
 
-    def save_model(self, model: Any, params: Any, tokenizer: Any) -> None:
-        """The trained model as a `save_pretrained` folder in --output_dir: config, weights, tokenizer."""
+    def save_model(self, model: Any, params: Any, *processors: Any) -> None:
+        """The trained model as a `save_pretrained` folder in --output_dir: config, weights,
+        and the tokenizer (and feature extractor) it needs."""
         directory = str(self.output.path)
         model.save(params, directory)
-        tokenizer.save_pretrained(directory)
+        for processor in processors:
+            processor.save_pretrained(directory)
         logger.info("model saved to %s", directory)
 
 

@@ -26,7 +26,8 @@ from flax_finetune.progress import progress_bar
 logger = logging.getLogger(__name__)
 
 EVAL_BATCHES_PER_CALL = 32
-ComputeMetrics = Callable[[Mapping[str, np.ndarray]], Mapping[str, float]]
+# compute_metrics(outputs, split): predict_fn outputs of every row of a split -> {metric: value}
+ComputeMetrics = Callable[[Mapping[str, np.ndarray], str], Mapping[str, float]]
 
 
 class Trainer:
@@ -191,7 +192,7 @@ class Trainer:
         """Metrics on `rows` with `{split}_` keys; written to `{split}_results.json` when `write`."""
         started = time.perf_counter()
         outputs = self.predict(params, rows)
-        return self.report(compute_metrics(outputs), split, time.perf_counter() - started, len(rows), write)
+        return self.report(compute_metrics(outputs, split), split, time.perf_counter() - started, len(rows), write)
 
     def report(
         self, metrics: Mapping[str, float], split: str, runtime: float, samples: int, write: bool = True

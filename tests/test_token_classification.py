@@ -1,0 +1,49 @@
+"""run_flax_ner end to end (tiny BERT) and label alignment."""
+
+from __future__ import annotations
+
+from conftest import DATA, MODELS, load_script, read_results
+
+F1, ACCURACY = 0.7, 0.9  # trained: ~0.93 / 0.98; untrained: ~0.05 / 0.06
+ENTITIES = DATA / "entities"
+
+
+def ner():
+    return load_script("token-classification/run_flax_ner.py")
+
+
+def ner_command(output_dir, *extra):
+    return [
+        "--model_name_or_path", str(MODELS / "tiny-bert"),
+        "--train_file", str(ENTITIES / "train.json"), "--validation_file", str(ENTITIES / "validation.json"),
+        "--output_dir", str(output_dir), "--overwrite_output_dir", "--do_train", "--do_eval",
+        "--warmup_steps=2", "--learning_rate=2e-4", "--logging_steps", "2", "--eval_steps", "2",
+        "--per_device_train_batch_size=2", "--per_device_eval_batch_size=2", "--num_train_epochs=2",
+        "--seed", "7", "--disable_tqdm", *extra,
+    ]
+
+
+def test_fine_tuning_finds_entities(tmp_path):
+    ner().main(ner_command(tmp_path, "--return_entity_level_metrics", "--do_predict",
+                           "--test_file", str(ENTITIES / "validation.json")))
+    results = read_results(tmp_path)
+    assert results["eval_f1"] >= F1 and results["eval_accuracy"] >= ACCURACY
+    for entity_type in ("PER", "LOC", "ORG"):
+        assert results[f"eval_{entity_type}_number"] > 0 and f"eval_{entity_type}_f1" in results
+    predictions = (tmp_path / "predictions.txt").read_text().splitlines()
+    assert len(predictions) == 40 and predictions[0].split()[0] in ("B-PER", "B-ORG", "O")
+
+
+def test_untrained_model_fails_the_thresholds(tmp_path):
+    args = ner_command(tmp_path)
+    args.remove("--do_train")
+    ner().main(args)
+    results = read_results(tmp_path)
+    assert results["eval_f1"] < F1 and results["eval_accuracy"] < ACCURACY
+
+
+def test_labels_go_to_first_sub_tokens_or_all_of_them():
+    word_ids = [None, 0, 1, 1, 1, 2, None]
+    b_per, i_per, other = 0, 1, 2
+    assert ner().align_labels(word_ids, [other, b_per, i_per], False, {b_per: i_per}) == [-100, 2, 0, -100, -100, 1, -100]
+    assert ner().align_labels(word_ids, [other, b_per, i_per], True, {b_per: i_per}) == [-100, 2, 0, 1, 1, 1, -100]
