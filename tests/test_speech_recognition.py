@@ -51,3 +51,14 @@ def test_a_22_khz_clip_is_resampled_to_16_khz():
     assert abs(len(resampled) - len(samples) * 16000 / 22050) <= 1
     reference, reference_rate = audio.read(SPEECH / "clips" / "train_000.flac")
     assert reference_rate == 16000 and reference.dtype == np.float32
+
+
+def test_clips_outside_the_duration_limits_are_skipped(tmp_path):
+    speech().main([
+        "--model_name_or_path", str(MODELS / "tiny-whisper"), "--output_dir", str(tmp_path), "--do_eval",
+        "--validation_file", str(SPEECH / "validation.csv"), "--audio_column_name", "file_name",
+        "--text_column_name", "transcript", "--max_duration_in_seconds", "1.5", "--disable_tqdm",
+    ])
+    durations = [len(audio.read(line.split(",")[0], SPEECH)[0]) / 16000
+                 for line in (SPEECH / "validation.csv").read_text().splitlines()[1:]]
+    assert read_results(tmp_path)["eval_samples"] == sum(duration <= 1.5 for duration in durations) < len(durations)

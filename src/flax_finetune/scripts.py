@@ -1,16 +1,17 @@
 """The steps every script takes, in order: `Run` carries them.
 
     run = scripts.start(training_args, model_args)     # logging, output-dir check (nothing written)
-    splits = run.load_splits(data_args, ...)            # files -> datasets, checked
-    config, tokenizer = run.config(...), run.tokenizer(...)
-    rows = run.tokenize(...)                            # -> fixed-length numpy rows
+    splits = run.load_splits(data_args, extensions)     # files -> datasets, checked
+    tokenizer = run.tokenizer(model_args)
+    config = run.config(model_args, tokenizer)
+    rows = {split: run.tokenize(...)}                   # -> fixed-length numpy rows
     model = run.model(model_args, task, config)
-    trainer = run.trainer(loss_fn, predict_fn)          # the output directory is created here
-    ... trainer.train / evaluate / predict ...
-    run.save_model(model, params, tokenizer)
+    run.train_evaluate_predict(model, [tokenizer], rows, loss_fn, predict_fn, compute_metrics)
 
-Every check on the user's input happens before `run.trainer`, so a bad
-input stops the script before anything is written.
+Between those steps a script holds only its task: preprocessing, loss,
+metric. Every check on the user's input happens before the output directory
+is created (in `Run.trainer`), so a bad input stops the script before
+anything is written.
 """
 
 from __future__ import annotations
