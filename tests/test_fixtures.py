@@ -11,6 +11,7 @@ from conftest import DATA, FIXTURES, MODELS, snapshot
 
 
 @pytest.mark.slow
+@pytest.mark.flax_models
 def test_rebuilt_models_equal_the_committed_ones(tmp_path):
     subprocess.run([sys.executable, str(FIXTURES / "build_models.py"), str(tmp_path)], check=True,
                    capture_output=True, timeout=600)

@@ -17,6 +17,8 @@ import pytest
 
 from conftest import DATA, EXAMPLES, MODELS, load_script, read_log, read_results
 
+pytestmark = pytest.mark.flax_models
+
 RELATIVE_TOLERANCE = 1e-5
 
 
@@ -63,12 +65,12 @@ module.main(args)
 def test_eight_devices_match_one(tmp_path, name):
     make_args, script = RUNS[name]
     one, eight = tmp_path / "one-device", tmp_path / "eight-devices"
+    load_script(script).main(make_args(one, per_device_batch=1))
     environment = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     job = json.dumps([str(EXAMPLES / script), make_args(eight, per_device_batch=8)])
     result = subprocess.run([sys.executable, "-c", PROGRAM, job], env=environment,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    load_script(script).main(make_args(one, per_device_batch=1))
 
     np.testing.assert_allclose(train_losses(eight), train_losses(one), rtol=RELATIVE_TOLERANCE)
     results_one, results_eight = read_results(one), read_results(eight)

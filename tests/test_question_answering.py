@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 
+import pytest
+
 from conftest import DATA, MODELS, load_script, read_results
 
 F1, HAS_ANSWER_F1 = 40, 25  # trained: ~54 / 38; untrained: ~6 / 9. Answering nothing scores HasAns 0.
@@ -26,6 +28,7 @@ def qa_command(output_dir, *extra):
     ]
 
 
+@pytest.mark.flax_models
 def test_fine_tuning_answers_questions(tmp_path):
     qa().main(qa_command(tmp_path))
     results = read_results(tmp_path)
@@ -39,6 +42,7 @@ def test_fine_tuning_answers_questions(tmp_path):
     assert abs(sum(candidate["probability"] for candidate in first) - 1) < 1e-6
 
 
+@pytest.mark.flax_models
 def test_untrained_model_fails_the_thresholds(tmp_path):
     args = qa_command(tmp_path)
     args.remove("--do_train")
@@ -65,6 +69,7 @@ def answerable_only(source, target):
     return target
 
 
+@pytest.mark.flax_models
 def test_long_contexts_split_into_windows_and_predict(tmp_path):
     """Short windows (64 tokens, stride 16) and --do_predict with SQuAD v1 semantics."""
     test_file = answerable_only(SQUAD / "validation.json", tmp_path / "v1.json")

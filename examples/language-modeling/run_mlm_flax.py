@@ -65,25 +65,36 @@ def mask_tokens(rng, input_ids, special_tokens_mask, attention_mask, probability
     return corrupted, jnp.where(chosen, input_ids, -100)
 
 
+def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """(prefix, suffix): the special tokens the tokenizer puts around one sequence, e.g. [CLS] / [SEP].
+
+    Read off an encoded probe word, which works with every Transformers
+    version (Transformers 5 dropped build_inputs_with_special_tokens).
+    """
+    plain = tokenizer("hello", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("hello")["input_ids"]
+    start = next(i for i in range(len(framed) - len(plain) + 1) if framed[i : i + len(plain)] == plain)
+    return framed[:start], framed[start + len(plain) :]
+
+
 def blocks_with_special_tokens(token_lists, tokenizer, max_length: int) -> dict[str, np.ndarray]:
     """Concatenate texts (without special tokens) and cut them into blocks that each get them.
 
     Returns input_ids, attention_mask, special_tokens_mask, all [num_blocks, max_length];
     the last block is padded (attention 0) instead of dropped.
     """
-    content = max_length - tokenizer.num_special_tokens_to_add(pair=False)
+    prefix, suffix = special_token_frame(tokenizer)
+    content = max_length - len(prefix) - len(suffix)
     tokens = [token for tokens in token_lists for token in tokens]
     chunks = [tokens[start : start + content] for start in range(0, max(len(tokens), 1), content)]
     columns = {name: np.zeros((len(chunks), max_length), np.int32) for name in ("input_ids", "attention_mask")}
     columns["input_ids"][:] = tokenizer.pad_token_id
     columns["special_tokens_mask"] = np.ones((len(chunks), max_length), np.int32)
     for row, chunk in enumerate(chunks):
-        ids = tokenizer.build_inputs_with_special_tokens(chunk)
+        ids = prefix + chunk + suffix
         columns["input_ids"][row, : len(ids)] = ids
         columns["attention_mask"][row, : len(ids)] = 1
-        columns["special_tokens_mask"][row, : len(ids)] = tokenizer.get_special_tokens_mask(
-            ids, already_has_special_tokens=True
-        )
+        columns["special_tokens_mask"][row, len(prefix) : len(prefix) + len(chunk)] = 0
     return columns
 
 

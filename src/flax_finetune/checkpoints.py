@@ -44,6 +44,7 @@ class Checkpoints:
             ocp = _orbax()
             self._manager = ocp.CheckpointManager(
                 self.directory,
+                item_names=("state", "position"),
                 options=ocp.CheckpointManagerOptions(
                     max_to_keep=self.max_to_keep, step_prefix=STEP_PREFIX, create=True
                 ),
