@@ -27,7 +27,7 @@ from pathlib import Path
 
 import nox
 
-nox.needs_version = ">=2025.5.1"
+nox.needs_version = ">=2026.2.9"  # download_python, and --clear for uv >= 0.8
 nox.options.default_venv_backend = "uv|virtualenv"
 nox.options.sessions = ["tests-cpu"]
 # Interpreters come from the machine (pyenv here), never from a download; a missing one
@@ -97,6 +97,9 @@ KINDS = {
     "slow": ("slow", "Slow tests (real pretrained checkpoint, bigger configs)"),
 }
 DEMO_CELL = CELLS[1]
+
+
+CELLS_BY_NAME = {cell.name: cell for cell in CELLS}
 
 
 def cells(backend: str) -> list[Cell]:
@@ -176,8 +179,9 @@ def make_test_session(kind: str, backend: str) -> None:
     backend_cells = cells(backend)
 
     @nox.session(name=f"{kind}-{backend}", tags=[kind, backend])
-    @nox.parametrize("python,cell", [(cell.python, cell) for cell in backend_cells], ids=[c.id for c in backend_cells])
-    def session(session: nox.Session, cell: Cell) -> None:
+    @nox.parametrize("python,cell_id", [(c.python, c.id) for c in backend_cells], ids=[c.id for c in backend_cells])
+    def session(session: nox.Session, cell_id: str) -> None:
+        cell = CELLS_BY_NAME[f"{backend}-{cell_id}"]
         present, looked_for = hardware_present(backend)
         if not present:
             message = f"no {backend} hardware: looked for {looked_for}"

@@ -30,8 +30,8 @@ def paraphrase_args(output_dir):
     return [
         "--output_dir", str(output_dir),
         "--train_file", str(HELD_OUT / "train.csv"), "--validation_file", str(HELD_OUT / "validation.csv"),
-        "--per_device_train_batch_size=16", "--per_device_eval_batch_size=32", "--learning_rate=5e-5",
-        "--num_train_epochs=3", "--warmup_steps=10", "--max_seq_length=64", "--seed=42", "--disable_tqdm",
+        "--per_device_train_batch_size=16", "--per_device_eval_batch_size=32", "--learning_rate=1e-4",
+        "--num_train_epochs=5", "--warmup_steps=10", "--max_seq_length=64", "--seed=42", "--disable_tqdm",
     ]
 
 

@@ -95,10 +95,16 @@ def load(
             f"{name_or_path}: model type {config.model_type!r} has no Flax {task} model; "
             f"supported: {', '.join(_supported_model_types(auto_class))}"
         )
+    options = dict(config=config, dtype=_jnp_dtype(dtype), **(hub or {}))
     try:
-        implementation, params = auto_class.from_pretrained(
-            name_or_path, config=config, dtype=_jnp_dtype(dtype), _do_init=False, **(hub or {})
-        )
+        try:
+            implementation, params = auto_class.from_pretrained(name_or_path, _do_init=False, **options)
+        except ValueError as error:
+            if "_do_init" not in str(error):
+                raise
+            # Transformers converts PyTorch-layout weights only into an initialised model: slower, same result.
+            implementation = auto_class.from_pretrained(name_or_path, seed=seed, **options)
+            return Model(implementation, implementation.params, config)
     except (OSError, ValueError) as error:
         raise InputError(f"--model_name_or_path {name_or_path}: {error}") from None
     return Model(implementation, _initialise(implementation, seed, params), config)
