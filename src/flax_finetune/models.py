@@ -47,7 +47,8 @@ class Model:
         self.implementation.save_pretrained(directory, params=jax.device_get(params))
 
 
-def _auto_class(task: str):
+def auto_class_for(task: str):
+    """The Transformers Flax auto class for `task`; an InputError where Transformers has none."""
     if task not in TASK_CLASSES:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_CLASSES)}")
     import transformers
@@ -88,7 +89,7 @@ def load(
     the checkpoint does not have are initialised from `seed`. `hub` holds
     cache_dir / revision / token for hub downloads.
     """
-    auto_class = _auto_class(task)
+    auto_class = auto_class_for(task)
     config = config if config is not None else load_config(name_or_path, hub=hub)
     if type(config) not in auto_class._model_mapping:
         raise InputError(
@@ -112,7 +113,7 @@ def load(
 
 def from_config(config: Any, task: str, *, dtype: str = "float32", seed: int = 0) -> Model:
     """A freshly initialised model (training from scratch)."""
-    auto_class = _auto_class(task)
+    auto_class = auto_class_for(task)
     if type(config) not in auto_class._model_mapping:
         raise InputError(
             f"model type {config.model_type!r} has no Flax {task} model; "
