@@ -5,6 +5,7 @@
     nox -s "tests-cpu(tf457-py311)"   # one cell
     nox -s slow-cpu               # the slow tier (a real pretrained checkpoint, more steps)
     nox -s tests-cuda12 slow-tpu  # accelerator cells: skipped without the hardware (an error under CI=true)
+    nox -s reliability            # kill and resume, determinism, divergence, several processes
     nox -s minimums               # the lowest declared versions of every direct dependency
     nox -s report                 # reports/matrix.md and matrix.html from the JUnit files of the cells run
     nox -s lock                   # regenerate constraints/ from pyproject.toml and CELLS
@@ -93,7 +94,7 @@ BACKENDS = {
     "tpu": ("tpu", "tpu", ("/dev/accel[0-9]*", "/dev/vfio/[0-9]*"), ["-p", "no:xdist"], "x86_64-manylinux_2_31"),
 }
 KINDS = {
-    "tests": ("not slow", "Fast tests"),
+    "tests": ("not slow and not reliability", "Fast tests"),
     "slow": ("slow", "Slow tests (real pretrained checkpoint, bigger configs)"),
 }
 DEMO_CELL = CELLS[1]
@@ -200,11 +201,18 @@ for _kind in KINDS:
         make_test_session(_kind, _backend)
 
 
+@nox.session(python=DEMO_CELL.python, tags=["reliability"])
+def reliability(session: nox.Session) -> None:
+    """Kill-and-resume, determinism, divergence stop and two-process runs (scripts as subprocesses)."""
+    install_cell(session, DEMO_CELL)
+    run_pytest(session, "cpu", "reliability")
+
+
 @nox.session(python="3.11", tags=["minimums"])
 def minimums(session: nox.Session) -> None:
     """Fast tests with the lowest declared version of every direct dependency (uv lowest-direct)."""
     session.install("--resolution", "lowest-direct", "-e", ".[all]", "--group", "test")
-    run_pytest(session, "cpu", "not slow")
+    run_pytest(session, "cpu", KINDS["tests"][0])
 
 
 @nox.session(python=DEMO_CELL.python)

@@ -51,6 +51,11 @@ def common(output_dir, model, train, *extra):
             "--train_file", str(train), "--do_train", "--disable_tqdm", *extra]
 
 
+def latin1(path):
+    path.write_bytes("sentence1,sentence2,label\ncaf\xe9 au lait,coffee,equivalent\n".encode("latin-1"))
+    return path
+
+
 def squad_with_wrong_start(folder):
     records = json.loads((DATA / "squad" / "validation.json").read_text())["data"]
     records[1]["answers"]["answer_start"] = [records[1]["answers"]["answer_start"][0] + 3]
@@ -85,7 +90,22 @@ CASES = {
                            "--output_dir", str(d), "--overwrite_output_dir", "--train_file",
                            str(DATA / "prose" / "validation.txt"), "--do_train"],
         "--model_type no-such-model: unknown"),
+    "glue: text that is not UTF-8": (
+        GLUE, lambda d, t: glue_args(d, latin1(t / "train.csv")), "the file is not valid UTF-8 text"),
+    "clm: zero training steps": (
+        CLM, lambda d, t: clm_args(d, DATA / "prose" / "validation.txt", "--num_train_epochs", "0"),
+        "no training steps: raise --num_train_epochs or --max_steps"),
     "mlm: missing file": (MLM, lambda d, t: common(d, "tiny-roberta", t / "nope.txt"), "nope.txt: no such file"),
+    "mlm: a tokenizer without a mask token": (
+        MLM, lambda d, t: common(d, "tiny-roberta", DATA / "prose" / "validation.txt", "--tokenizer_name",
+                                 MODELS / "tiny-gpt2"),
+        "the tokenizer has no mask or padding token"),
+    "t5: a tokenizer without sentinel tokens": (
+        T5, lambda d, t: common(d, "tiny-t5", DATA / "prose" / "train.txt", "--tokenizer_name", MODELS / "tiny-gpt2"),
+        "the tokenizer has 0 sentinel tokens"),
+    "t5: a tokenizer without an end-of-sequence token": (
+        T5, lambda d, t: common(d, "tiny-t5", DATA / "prose" / "train.txt", "--tokenizer_name", MODELS / "tiny-bert"),
+        "the tokenizer has no end-of-sequence token"),
     "t5: too little text for one chunk": (
         T5, lambda d, t: common(d, "tiny-t5", write(t / "short.txt", "A few words only.\n"), "--max_seq_length", "128"),
         "fewer than one chunk of 141"),
@@ -141,3 +161,27 @@ def test_the_command_prints_one_line_and_exits_2(output_dir, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --train_file")
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.flax_models
+def test_user_files_survive_overwrite_output_dir(output_dir):
+    """--overwrite_output_dir replaces what the script writes and nothing else."""
+    (output_dir / "eval_results.json").write_text("{}")
+    load_script(GLUE).main(glue_args(output_dir, DATA / "paraphrase" / "train.csv", None, "--max_train_samples", "8",
+                                     "--num_train_epochs", "1"))
+    assert (output_dir / "keep.txt").read_text() == "the user's own file"
+    assert "eval_accuracy" in (output_dir / "eval_results.json").read_text()
+
+
+@pytest.mark.flax_models
+def test_too_long_sequences_and_tiny_datasets_run_with_warnings(output_dir, caplog, monkeypatch):
+    """--max_seq_length above the model's limit is capped; 3 examples still make one (padded) batch."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("flax_finetune"), "propagate", True)
+    load_script(GLUE).main(glue_args(output_dir, DATA / "paraphrase" / "train.csv", None, "--max_train_samples", "3",
+                                     "--per_device_train_batch_size", "8", "--num_train_epochs", "1",
+                                     "--max_seq_length", "1000"))
+    assert "--max_seq_length 1000 exceeds the model's maximum 256: using 256" in caplog.text
+    assert "the train split has 3 examples, fewer than one global batch of 8" in caplog.text
+    assert json.loads((output_dir / "train_results.json").read_text())["train_steps"] == 1

@@ -67,3 +67,13 @@ def test_clips_outside_the_duration_limits_are_skipped(tmp_path):
     durations = [len(audio.read(line.split(",")[0], SPEECH)[0]) / 16000
                  for line in (SPEECH / "validation.csv").read_text().splitlines()[1:]]
     assert read_results(tmp_path)["eval_samples"] == sum(duration <= 1.5 for duration in durations) < len(durations)
+
+
+@pytest.mark.flax_models
+def test_audio_at_another_rate_is_resampled_not_refused(tmp_path):
+    speech().main([
+        "--model_name_or_path", str(MODELS / "tiny-whisper"), "--output_dir", str(tmp_path), "--do_eval",
+        "--validation_file", str(SPEECH / "resample.csv"), "--audio_column_name", "file_name",
+        "--text_column_name", "transcript", "--disable_tqdm",
+    ])
+    assert read_results(tmp_path)["eval_samples"] == 1

@@ -165,8 +165,8 @@ def main(argv=None):
         scripts.require_columns(dataset, ["id", "context", "question"] + (["answers"] if split != "test" else []),
                                 data_args, split)
         if "answers" in dataset.column_names:
-            flag = {"train": "train_file", "validation": "validation_file", "test": "test_file"}[split]
-            check_answers(dataset, flag, data_args.version_2_with_negative)
+            flag, path = data_args.files()[split]
+            check_answers(dataset, f"{flag} {path or data_args.dataset_name}", data_args.version_2_with_negative)
     tokenizer = run.tokenizer(model_args)
     if not tokenizer.is_fast:
         raise InputError("question answering needs a fast tokenizer (it maps tokens back to characters)")

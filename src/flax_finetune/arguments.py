@@ -19,14 +19,20 @@ from typing import Any, Literal, Optional, Sequence
 
 from flax_finetune.errors import InputError
 
+LATEST_CHECKPOINT = "latest"
 
-def arg(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
-    """A dataclass field that is also a command-line flag with a one-line help."""
+
+def arg(default: Any = dataclasses.MISSING, help: str = "", const: Any = dataclasses.MISSING, **kwargs: Any) -> Any:
+    """A dataclass field that is also a command-line flag with a one-line help.
+
+    With `const`, the flag may also be given without a value, meaning `const`.
+    """
     if isinstance(default, (list, dict)):
         kwargs["default_factory"] = lambda: type(default)(default)
     else:
         kwargs["default"] = default
-    return dataclasses.field(metadata={"help": help}, **kwargs)
+    metadata = {"help": help} if const is dataclasses.MISSING else {"help": help, "const": const}
+    return dataclasses.field(metadata=metadata, **kwargs)
 
 
 def _to_bool(text: str | bool) -> bool:
@@ -52,6 +58,8 @@ def _unwrap_optional(annotation: Any) -> Any:
 def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, annotation: Any) -> None:
     annotation = _unwrap_optional(annotation)
     options: dict[str, Any] = {"help": field.metadata.get("help", "")}
+    if "const" in field.metadata:  # the flag may be given without a value
+        options.update(nargs="?", const=field.metadata["const"])
     if field.default is not dataclasses.MISSING:
         options["default"] = field.default
     elif field.default_factory is not dataclasses.MISSING:
@@ -239,10 +247,16 @@ class TrainingArguments:
     save_steps: int = arg(500, "Save a resumable checkpoint every N steps (0: never).")
     save_total_limit: Optional[int] = arg(None, "Keep only the newest N checkpoints.")
     resume_from_checkpoint: Optional[str] = arg(
-        None, "Resume from this checkpoint, or from the newest one in this folder."
+        None, "Resume from this checkpoint or the newest one in this folder; without a value, the newest one "
+        "in --output_dir.", const=LATEST_CHECKPOINT,
     )
     seed: int = arg(42, "Seed of initialisation, shuffling and dropout.")
     disable_tqdm: bool = arg(False, "No progress bars.")
+    coordinator_address: Optional[str] = arg(
+        None, "host:port of process 0 of a multi-process run (jax.distributed); every process gets the same."
+    )
+    num_processes: Optional[int] = arg(None, "Processes in a multi-process run (default: detected from the cluster).")
+    process_id: Optional[int] = arg(None, "This process's index, 0 to --num_processes - 1 (default: detected).")
 
     def __post_init__(self):
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -257,6 +271,13 @@ class TrainingArguments:
             raise InputError("--eval_steps must be at least 1")
         if self.num_train_epochs < 0:
             raise InputError("--num_train_epochs must not be negative")
+        if self.resume_from_checkpoint == LATEST_CHECKPOINT:
+            self.resume_from_checkpoint = self.output_dir
+
+    @property
+    def distributed(self) -> bool:
+        """Whether this run joins a multi-process jax.distributed run."""
+        return any(value is not None for value in (self.coordinator_address, self.num_processes, self.process_id))
 
 
 @dataclasses.dataclass

@@ -58,6 +58,10 @@ class Checkpoints:
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), position=ocp.args.JsonSave(position)),
         )
 
+    def path(self, step: int) -> Path:
+        """The folder of the checkpoint of `step`."""
+        return self.directory / f"{STEP_PREFIX}_{step}"
+
     def wait(self) -> None:
         if self._manager is not None:
             self._manager.wait_until_finished()

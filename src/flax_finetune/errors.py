@@ -14,10 +14,18 @@ class InputError(Exception):
     """
 
 
+class TrainingStopped(Exception):
+    """Training could not go on (the loss became non-finite): reported as one line, exit status 1."""
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object]) -> None:
-    """Run a script's `main` as a command: an InputError becomes `error: ...` and exit 2."""
+    """Run a script's `main` as a command: an InputError becomes `error: ...` and exit 2,
+    a TrainingStopped `error: ...` and exit 1."""
     try:
         main(None)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

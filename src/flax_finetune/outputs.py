@@ -48,6 +48,8 @@ class OutputDir:
     def __init__(self, path: str, overwrite: bool, is_writer: bool = True):
         self.path = Path(path)
         self.is_writer = is_writer
+        if not is_writer:  # process 0 checks and writes; the others only compute
+            return
         if self.path.exists() and not self.path.is_dir():
             raise InputError(f"--output_dir {path}: exists and is not a directory")
         if self.path.is_dir() and any(self.path.iterdir()) and not overwrite:
@@ -56,11 +58,23 @@ class OutputDir:
                 "pass --overwrite_output_dir to write into it (only files this script writes are replaced)"
             )
 
-    def create(self) -> None:
-        """Make the folder; called once the inputs are known to be good."""
+    def create(self, keep_log: bool = False) -> None:
+        """Make the folder; called once the inputs are known to be good.
+
+        A new run starts a new metrics log; a resumed one keeps it (see `truncate_log`).
+        """
         if self.is_writer:
             self.path.mkdir(parents=True, exist_ok=True)
-            (self.path / METRICS_LOG).unlink(missing_ok=True)
+            if not keep_log:
+                (self.path / METRICS_LOG).unlink(missing_ok=True)
+
+    def truncate_log(self, step: int) -> None:
+        """Drop log lines past `step`: a resumed run logs those steps again, as they happen."""
+        log = self.path / METRICS_LOG
+        if self.is_writer and log.exists():
+            lines = [line for line in log.read_text(encoding="utf-8").splitlines(keepends=True)
+                     if json.loads(line).get("step", 0) <= step]
+            write_atomically(log, "".join(lines))
 
     def write_json(self, name: str, data: Mapping[str, Any]) -> Path:
         path = self.path / name

@@ -129,7 +129,18 @@ class Run:
         setup_logging()
         self.args = training_args
         self.model_args = model_args
-        self.output = OutputDir(training_args.output_dir, training_args.overwrite_output_dir)
+        is_writer = True
+        if training_args.distributed:
+            from flax_finetune import training
+
+            is_writer = training.initialize_distributed(
+                training_args.coordinator_address, training_args.num_processes, training_args.process_id
+            ) == 0
+        self.output = OutputDir(
+            training_args.output_dir,
+            overwrite=training_args.overwrite_output_dir or bool(training_args.resume_from_checkpoint),
+            is_writer=is_writer,
+        )
 
     def load_splits(
         self,
@@ -250,7 +261,7 @@ class Run:
         """The Trainer for this run; creates the output directory (inputs are all checked by now)."""
         from flax_finetune.trainer import Trainer
 
-        self.output.create()
+        self.output.create(keep_log=bool(self.args.resume_from_checkpoint))
         return Trainer(self.args, self.output, loss_fn, predict_fn)
 
     def train_evaluate_predict(
@@ -275,6 +286,10 @@ class Run:
         """
         import time
 
+        from flax_finetune.trainer import training_steps
+
+        if self.args.do_train and training_steps(self.args, len(rows["train"]))[1] <= 0:
+            raise InputError("no training steps: raise --num_train_epochs or --max_steps")
         trainer = self.trainer(loss_fn, predict_fn)
         params = model.params
         if self.args.do_train:

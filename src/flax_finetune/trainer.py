@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -19,7 +20,7 @@ import numpy as np
 
 from flax_finetune import data, training
 from flax_finetune.checkpoints import CHECKPOINTS, Checkpoints, find_checkpoint
-from flax_finetune.errors import InputError
+from flax_finetune.errors import InputError, TrainingStopped
 from flax_finetune.outputs import OutputDir
 from flax_finetune.progress import progress_bar
 
@@ -28,6 +29,51 @@ logger = logging.getLogger(__name__)
 EVAL_BATCHES_PER_CALL = 32
 # compute_metrics(outputs, split): predict_fn outputs of every row of a split -> {metric: value}
 ComputeMetrics = Callable[[Mapping[str, np.ndarray], str], Mapping[str, float]]
+
+
+def training_steps(args, num_examples: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps) of `num_examples` training examples."""
+    global_batch = args.per_device_train_batch_size * jax.device_count() * args.gradient_accumulation_steps
+    per_epoch = max(1, math.ceil(num_examples / global_batch))
+    total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
+    return per_epoch, total
+
+
+class DivergenceGuard:
+    """Stops training at the first step whose loss is not finite.
+
+    Each step's loss is read one step later, while the device already runs
+    the next step, so the check never stalls the pipeline; before a
+    checkpoint, a log line and the end of training every step is checked.
+    """
+
+    def __init__(self, total_steps: int):
+        self.total_steps = total_steps
+        self.unchecked: list[tuple[int, Mapping[str, jax.Array]]] = []
+        self.last_checkpoint: Optional[Path] = None
+
+    def add(self, step: int, metrics: Mapping[str, jax.Array]) -> None:
+        self.unchecked.append((step, metrics))
+        if len(self.unchecked) > 1:
+            self._check(self.unchecked[:-1])
+            self.unchecked = self.unchecked[-1:]
+
+    def check(self) -> None:
+        self._check(self.unchecked)
+        self.unchecked = []
+
+    def _check(self, entries) -> None:
+        for step, metrics in entries:
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                if self.last_checkpoint is None:
+                    advice = "no checkpoint was saved before it (see --save_steps)"
+                else:
+                    advice = (f"the last good checkpoint is {self.last_checkpoint}: resume from it with "
+                              f"--resume_from_checkpoint {self.last_checkpoint} and a lower --learning_rate")
+                raise TrainingStopped(
+                    f"training stopped: the loss became {loss} at step {step} of {self.total_steps}; {advice}"
+                )
 
 
 class Trainer:
@@ -51,10 +97,7 @@ class Trainer:
 
     def total_steps(self, num_examples: int) -> tuple[int, int]:
         """(optimizer steps per epoch, total optimizer steps) for a training split."""
-        args = self.args
-        plan = self._plan(num_examples, args.per_device_train_batch_size, args.gradient_accumulation_steps)
-        total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * plan.num_batches)
-        return plan.num_batches, total
+        return training_steps(self.args, num_examples)
 
     def train(
         self,
@@ -93,36 +136,47 @@ class Trainer:
         )
 
         logger.info(
-            "training: %d examples, %d epochs, global batch %d (%d devices x %d x %d accumulation), %d steps",
+            "training: %d examples, %d epochs, global batch %d (%d devices x %d x %d accumulation), %d steps; "
+            "process %d loads %d of the %d rows of every batch",
             len(rows), math.ceil(total_steps / steps_per_epoch), plan.global_batch_size, jax.device_count(),
             args.per_device_train_batch_size, args.gradient_accumulation_steps, total_steps,
+            plan.process_index, plan.global_batch_size // plan.process_count, plan.global_batch_size,
         )
         step = int(state.step)
+        self.output.truncate_log(step)
         first_step, started = step, time.perf_counter()
         pending: list[Mapping[str, jax.Array]] = []
-        while step < total_steps:
-            epoch, offset = divmod(step, steps_per_epoch)
-            batches_left = min(steps_per_epoch, offset + total_steps - step)
-            with progress_bar(batches_left, offset, f"epoch {epoch + 1}", args.disable_tqdm) as bar:
-                for local in data.iterate_batches(rows, plan, args.seed, epoch, offset):
-                    state, metrics = train_step(state, training.put_batch(local, self.mesh), dropout_rng)
-                    step += 1
-                    pending.append(metrics)
-                    bar.update()
-                    if step % args.logging_steps == 0 or step == total_steps:
-                        record = self._log_training(step, step / steps_per_epoch, pending)
-                        bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
-                        pending = []
-                    if eval_rows is not None and args.eval_steps and step % args.eval_steps == 0:
-                        scores = self.evaluate(state.params, eval_rows, compute_metrics, split="eval", write=False)
-                        self.output.log({"step": step, "epoch": step / steps_per_epoch, **scores})
-                    if checkpoints is not None and step % args.save_steps == 0:
-                        checkpoints.save(step, state, {**position, "step": step, "epoch": epoch})
-                    if step >= total_steps:
-                        break
-        if checkpoints is not None:
-            checkpoints.wait()
-            checkpoints.close()
+        guard = DivergenceGuard(total_steps)
+        try:
+            while step < total_steps:
+                epoch, offset = divmod(step, steps_per_epoch)
+                batches_left = min(steps_per_epoch, offset + total_steps - step)
+                with progress_bar(batches_left, offset, f"epoch {epoch + 1}", args.disable_tqdm) as bar:
+                    for local in data.iterate_batches(rows, plan, args.seed, epoch, offset):
+                        state, metrics = train_step(state, training.put_batch(local, self.mesh), dropout_rng)
+                        step += 1
+                        pending.append(metrics)
+                        guard.add(step, metrics)
+                        bar.update()
+                        if step % args.logging_steps == 0 or step == total_steps:
+                            guard.check()
+                            record = self._log_training(step, step / steps_per_epoch, pending)
+                            bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
+                            pending = []
+                        if eval_rows is not None and args.eval_steps and step % args.eval_steps == 0:
+                            scores = self.evaluate(state.params, eval_rows, compute_metrics, split="eval", write=False)
+                            self.output.log({"step": step, "epoch": step / steps_per_epoch, **scores})
+                        if checkpoints is not None and step % args.save_steps == 0:
+                            guard.check()  # a diverged state is never saved
+                            checkpoints.save(step, state, {**position, "step": step, "epoch": epoch})
+                            guard.last_checkpoint = checkpoints.path(step)
+                        if step >= total_steps:
+                            break
+            guard.check()
+        finally:
+            if checkpoints is not None:
+                checkpoints.wait()
+                checkpoints.close()
         runtime = time.perf_counter() - started
         examples = (step - first_step) * plan.global_batch_size
         self.output.write_results(
@@ -166,7 +220,7 @@ class Trainer:
 
     def predict(self, params: Any, rows: data.Rows) -> dict[str, np.ndarray]:
         """`predict_fn` outputs for every row, in dataset order: {name: [num_rows, ...]}."""
-        params = jax.device_put(params, training.replicated(self.mesh))
+        params = training.replicate(params, self.mesh)
         plan = self._plan(len(rows), self.args.per_device_eval_batch_size)
         order = plan.order(seed=None)[:, 0, :]  # [num_batches, batch]
         per_call = min(plan.num_batches, EVAL_BATCHES_PER_CALL)

@@ -53,18 +53,58 @@ def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, "data"))
 
 
+def initialize_distributed(coordinator_address, num_processes, process_id) -> int:
+    """Join a multi-process run (jax.distributed; CPU processes talk over gloo). Returns this process's index.
+
+    Values left None are detected from the cluster environment (SLURM, Open MPI, TPU pods, Kubernetes).
+    """
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    except (AttributeError, ValueError):  # jax releases before the option need no setting
+        pass
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    logger.info("process %d of %d, %d local devices", jax.process_index(), jax.process_count(), jax.local_device_count())
+    return jax.process_index()
+
+
 def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows of a [micro_batches, batch, ...] stack -> global sharded arrays."""
+    """This process's rows of a [micro_batches, batch, ...] stack -> global sharded arrays.
+
+    With several processes, process p's rows are columns [p * local, (p + 1) * local)
+    of every micro batch, which the mesh places on p's own devices.
+    """
     sharding = stacked_batch_sharding(mesh)
     if jax.process_count() == 1:
         return {name: jax.device_put(value, sharding) for name, value in local.items()}
-    scale = jax.process_count()
-    return {
-        name: jax.make_array_from_process_local_data(
-            sharding, value, (value.shape[0], value.shape[1] * scale, *value.shape[2:])
-        )
-        for name, value in local.items()
-    }
+    offset = jax.process_index() * next(iter(local.values())).shape[1]
+
+    def global_array(value: np.ndarray) -> jax.Array:
+        shape = (value.shape[0], value.shape[1] * jax.process_count(), *value.shape[2:])
+
+        def local_part(index):
+            rows = index[1]
+            return value[(index[0], slice(rows.start - offset, rows.stop - offset), *index[2:])]
+
+        return jax.make_array_from_callback(shape, sharding, local_part)
+
+    return {name: global_array(value) for name, value in local.items()}
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf of `tree` on every device of the mesh (of every process).
+
+    Across processes each one contributes its own copy, which must be equal
+    (the same checkpoint and seed give the same parameters everywhere).
+    """
+    sharding = replicated(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(leaf):
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+    return jax.tree_util.tree_map(put, tree)
 
 
 def is_decayed(path: tuple[str, ...]) -> bool:
@@ -181,4 +221,4 @@ def init_state(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh)
     def init(params):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
-    return jax.jit(init, out_shardings=replicated(mesh))(jax.device_put(params, replicated(mesh)))
+    return jax.jit(init, out_shardings=replicated(mesh))(replicate(params, mesh))
