@@ -7,6 +7,8 @@
     nox -s tests-cuda12 slow-tpu  # accelerator cells: skipped without the hardware (an error under CI=true)
     nox -s reliability            # kill and resume, determinism, divergence, several processes
     nox -s minimums               # the lowest declared versions of every direct dependency
+    nox -s torch                  # saved models load in Transformers 5's PyTorch classes (CPU torch)
+    nox -s bench                  # training-step throughput, MFU, compile time, memory: reports/bench/
     nox -s report                 # reports/matrix.md and matrix.html from the JUnit files of the cells run
     nox -s lock                   # regenerate constraints/ from pyproject.toml and CELLS
     nox -s demo                   # run_flax_glue on the bundled fixture, print its metrics
@@ -84,6 +86,10 @@ CELLS = [
     Cell("tpu", "4.57", "3.11", ("transformers==4.57.*", "jax[tpu]==0.9.2", "flax==0.12.6")),
     Cell("tpu", "5", "3.13", ("transformers>=5,<6", "jax[tpu]")),
 ]
+# Not a test cell: Transformers 5 with CPU torch (2.13.0, the build these machines have on disk, for
+# Python 3.11), where the `torch` session loads what the scripts write into the PyTorch classes.
+TORCH_CELL = Cell("cpu", "5", "3.11", ("transformers>=5,<6",))
+TORCH_REQUIREMENT = "torch==2.13.0+cpu"
 BACKENDS = {
     # backend: (JAX_PLATFORMS, what jax.default_backend() must say, device files that show the hardware,
     #           pytest-xdist options, the Linux platform its lock resolves for)
@@ -208,6 +214,22 @@ def reliability(session: nox.Session) -> None:
     run_pytest(session, "cpu", "reliability")
 
 
+@nox.session(python=TORCH_CELL.python, tags=["torch"])
+def torch(session: nox.Session) -> None:
+    """Transformers 5 + CPU torch: models the scripts save load in the PyTorch classes with the same logits."""
+    # The CPU build lies in the pip find-links folder here (PIP_FIND_LINKS); PyPI has only CUDA builds.
+    session.install(TORCH_REQUIREMENT, "--find-links", os.environ.get("PIP_FIND_LINKS", "/opt/wheels"))
+    install_cell(session, TORCH_CELL)
+    env = {**runtime_env(session, "cpu"), "FLAX_FINETUNE_REQUIRE_TORCH": "1"}
+    REPORTS.mkdir(exist_ok=True)
+    stem = report_stem(session)
+    session.run("python", "-c", VERSIONS, str(REPORTS / f"versions-{stem}.json"), env=env)
+    session.run(
+        "pytest", *BACKENDS["cpu"][3], "tests/test_pytorch_export.py", "tests/test_checkpoint_io.py",
+        f"--junitxml={REPORTS / f'junit-{stem}.xml'}", *session.posargs, env=env,
+    )
+
+
 @nox.session(python="3.11", tags=["minimums"])
 def minimums(session: nox.Session) -> None:
     """Fast tests with the lowest declared version of every direct dependency (uv lowest-direct)."""
@@ -234,11 +256,19 @@ def demo(session: nox.Session) -> None:
     session.log(f"results in {output}:\n{(output / 'eval_results.json').read_text()}")
 
 
+@nox.session(python=DEMO_CELL.python)
+def bench(session: nox.Session) -> None:
+    """Training-step benchmark (matmul peak, throughput, MFU, compile time, memory) into reports/bench."""
+    install_cell(session, DEMO_CELL)
+    # No runtime_env: a persistent compilation cache would hide compile times, and JAX_PLATFORMS=cpu an accelerator.
+    session.run("python", "benchmarks/bench.py", "--output", str(REPORTS / "bench"), *session.posargs)
+
+
 @nox.session(venv_backend="none")
 def lock(session: nox.Session) -> None:
     """Regenerate constraints/ (one pinned file per cell) with uv pip compile."""
     uv = shutil.which("uv") or session.error("lock needs uv on PATH")
-    for cell in CELLS:
+    for cell in [*CELLS, TORCH_CELL]:
         cell.requirements.write_text(
             f"# Pins of the {cell.name} cell, written by `{LOCK_COMMAND}` from CELLS in noxfile.py.\n"
             + "\n".join(cell.pins) + "\n"

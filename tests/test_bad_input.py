@@ -163,7 +163,6 @@ def test_the_command_prints_one_line_and_exits_2(output_dir, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.flax_models
 def test_user_files_survive_overwrite_output_dir(output_dir):
     """--overwrite_output_dir replaces what the script writes and nothing else."""
     (output_dir / "eval_results.json").write_text("{}")
@@ -173,7 +172,6 @@ def test_user_files_survive_overwrite_output_dir(output_dir):
     assert "eval_accuracy" in (output_dir / "eval_results.json").read_text()
 
 
-@pytest.mark.flax_models
 def test_too_long_sequences_and_tiny_datasets_run_with_warnings(output_dir, caplog, monkeypatch):
     """--max_seq_length above the model's limit is capped; 3 examples still make one (padded) batch."""
     import logging

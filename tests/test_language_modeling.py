@@ -8,7 +8,6 @@ import pytest
 
 from conftest import DATA, MODELS, load_script, read_log, read_results
 
-pytestmark = pytest.mark.flax_models
 
 # The untrained tiny GPT-2 scores about its vocabulary size (~500); two epochs bring it near 270.
 PERPLEXITY = 350

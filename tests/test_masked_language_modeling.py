@@ -31,7 +31,6 @@ def mlm_command(output_dir, model="tiny-roberta"):
     ]
 
 
-@pytest.mark.flax_models
 def test_fine_tuning_predicts_masked_tokens(tmp_path):
     mlm().main(mlm_command(tmp_path))
     results = read_results(tmp_path)
@@ -40,7 +39,6 @@ def test_fine_tuning_predicts_masked_tokens(tmp_path):
     assert [r["step"] for r in read_log(tmp_path) if "eval_accuracy" in r][:2] == [2, 4]
 
 
-@pytest.mark.flax_models
 def test_untrained_model_fails_the_thresholds(tmp_path):
     args = mlm_command(tmp_path)
     args.remove("--do_train")
@@ -49,7 +47,6 @@ def test_untrained_model_fails_the_thresholds(tmp_path):
     assert results["eval_accuracy"] < ACCURACY and results["eval_perplexity"] >= PERPLEXITY
 
 
-@pytest.mark.flax_models
 def test_line_by_line_with_bert_and_default_length(tmp_path):
     """--line_by_line, and no --max_seq_length: the model's limit is used, not a crash."""
     args = mlm_command(tmp_path, model="tiny-bert")

@@ -17,7 +17,6 @@ import pytest
 
 from conftest import DATA, EXAMPLES, MODELS, load_script, read_log, read_results
 
-pytestmark = pytest.mark.flax_models
 
 RELATIVE_TOLERANCE = 1e-5
 

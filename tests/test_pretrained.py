@@ -10,7 +10,7 @@ import pytest
 
 from conftest import DATA, load_script, read_results
 
-pytestmark = [pytest.mark.slow, pytest.mark.flax_models]
+pytestmark = pytest.mark.slow
 
 HELD_OUT = DATA / "slow" / "paraphrase-held-out"
 # Validation pairs use verbs the training pairs never show: only English learnt in pretraining
@@ -46,3 +46,30 @@ def test_the_same_architecture_from_random_weights_does_not(tmp_path, minilm):
     glue.main(["--model_type", "bert", "--config_name", str(minilm), "--tokenizer_name", str(minilm),
                *paraphrase_args(tmp_path)])
     assert read_results(tmp_path)["eval_accuracy"] < ACCURACY
+
+
+@pytest.mark.parity
+def test_minilm_hidden_states_equal_transformers_flax_bert(minilm):
+    """The real checkpoint, read by this project's loader, gives the hidden states of Transformers'
+    Flax BERT fed the same parameters (padding included)."""
+    import jax
+    import numpy as np
+    import transformers
+
+    from flax_finetune.modeling import checkpoint_io
+    from flax_finetune.modeling.bert import BertModel
+
+    if not hasattr(transformers, "FlaxBertModel"):
+        pytest.skip("Transformers 5 has no Flax BERT to compare with")
+    config = transformers.AutoConfig.from_pretrained(minilm)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(minilm)
+    batch = dict(tokenizer(["A man is playing a guitar.", "Two dogs run through a field of tall, green grass."],
+                           padding=True, return_tensors="np"))
+    module = BertModel(config, with_pooler=True)
+    shapes = jax.eval_shape(lambda key: module.init(key, input_ids=batch["input_ids"])["params"], jax.random.PRNGKey(0))
+    params, missing, _ = checkpoint_io.read_params(minilm, shapes, "bert", "bert")
+    assert missing == []
+    hidden, pooled = module.apply({"params": params}, **batch)
+    reference = transformers.FlaxBertModel(config, _do_init=False)(**batch, params=params)
+    np.testing.assert_allclose(hidden, reference.last_hidden_state, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pooled, reference.pooler_output, atol=1e-5, rtol=0)

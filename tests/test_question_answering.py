@@ -28,7 +28,6 @@ def qa_command(output_dir, *extra):
     ]
 
 
-@pytest.mark.flax_models
 def test_fine_tuning_answers_questions(tmp_path):
     qa().main(qa_command(tmp_path))
     results = read_results(tmp_path)
@@ -42,7 +41,6 @@ def test_fine_tuning_answers_questions(tmp_path):
     assert abs(sum(candidate["probability"] for candidate in first) - 1) < 1e-6
 
 
-@pytest.mark.flax_models
 def test_untrained_model_fails_the_thresholds(tmp_path):
     args = qa_command(tmp_path)
     args.remove("--do_train")
@@ -69,7 +67,6 @@ def answerable_only(source, target):
     return target
 
 
-@pytest.mark.flax_models
 def test_long_contexts_split_into_windows_and_predict(tmp_path):
     """Short windows (64 tokens, stride 16) and --do_predict with SQuAD v1 semantics."""
     test_file = answerable_only(SQUAD / "validation.json", tmp_path / "v1.json")

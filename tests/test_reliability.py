@@ -23,7 +23,7 @@ import pytest
 from conftest import DATA, EXAMPLES, MODELS, load_script, read_log, read_results
 from flax_finetune.errors import TrainingStopped
 
-pytestmark = [pytest.mark.reliability, pytest.mark.flax_models]
+pytestmark = pytest.mark.reliability
 
 CLM = "language-modeling/run_clm_flax.py"
 GLUE = "text-classification/run_flax_glue.py"
@@ -146,7 +146,7 @@ def test_a_non_finite_loss_stops_training_and_saves_nothing_after_it(tmp_path):
     assert re.search(r"the loss became (nan|inf) at step 2 of \d+;", message), message
     assert f"the last good checkpoint is {output / 'checkpoints' / 'checkpoint_1'}" in message
     assert sorted(path.name for path in (output / "checkpoints").iterdir()) == ["checkpoint_1"]
-    assert not (output / "flax_model.msgpack").exists() and not (output / "eval_results.json").exists()
+    assert not (output / "model.safetensors").exists() and not (output / "eval_results.json").exists()
     result = subprocess.run([sys.executable, str(EXAMPLES / CLM), *map(str, args), "--overwrite_output_dir"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith("error: training stopped")

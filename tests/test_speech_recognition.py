@@ -29,7 +29,6 @@ def speech_command(output_dir, *model):
     ]
 
 
-@pytest.mark.flax_models
 def test_fine_tuning_transcribes(tmp_path):
     speech().main(speech_command(tmp_path))
     results = read_results(tmp_path)
@@ -38,7 +37,6 @@ def test_fine_tuning_transcribes(tmp_path):
     assert (tmp_path / "preprocessor_config.json").exists()  # the feature extractor is saved with the model
 
 
-@pytest.mark.flax_models
 def test_untrained_model_fails_the_threshold(tmp_path):
     random_whisper = ("--model_type", "whisper", "--config_name", str(MODELS / "tiny-whisper"),
                       "--tokenizer_name", str(MODELS / "tiny-whisper"))
@@ -57,7 +55,6 @@ def test_a_22_khz_clip_is_resampled_to_16_khz():
     assert reference_rate == 16000 and reference.dtype == np.float32
 
 
-@pytest.mark.flax_models
 def test_clips_outside_the_duration_limits_are_skipped(tmp_path):
     speech().main([
         "--model_name_or_path", str(MODELS / "tiny-whisper"), "--output_dir", str(tmp_path), "--do_eval",
@@ -69,7 +66,6 @@ def test_clips_outside_the_duration_limits_are_skipped(tmp_path):
     assert read_results(tmp_path)["eval_samples"] == sum(duration <= 1.5 for duration in durations) < len(durations)
 
 
-@pytest.mark.flax_models
 def test_audio_at_another_rate_is_resampled_not_refused(tmp_path):
     speech().main([
         "--model_name_or_path", str(MODELS / "tiny-whisper"), "--output_dir", str(tmp_path), "--do_eval",

@@ -6,7 +6,6 @@ import pytest
 
 from conftest import DATA, MODELS, load_script, read_results
 
-pytestmark = pytest.mark.flax_models
 
 # ROUGE x100 on the test split; the fine-tuned tiny T5 reaches about 66 / 35 / 62 / 62.
 THRESHOLDS = {"rouge1": 40, "rouge2": 15, "rougeL": 35, "rougeLsum": 35}

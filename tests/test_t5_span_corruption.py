@@ -27,7 +27,6 @@ def t5_command(output_dir, *model):
     ]
 
 
-@pytest.mark.flax_models
 def test_span_corruption_pretraining(tmp_path):
     t5().main(t5_command(tmp_path))
     results = read_results(tmp_path)
@@ -35,7 +34,6 @@ def test_span_corruption_pretraining(tmp_path):
     assert results["eval_loss"] < 3.0
 
 
-@pytest.mark.flax_models
 def test_untrained_model_fails_the_threshold(tmp_path):
     random_t5 = ("--model_type", "t5", "--config_name", str(MODELS / "tiny-t5"), "--tokenizer_name", str(MODELS / "tiny-t5"))
     args = t5_command(tmp_path, *random_t5)

@@ -8,7 +8,6 @@ import pytest
 
 from conftest import DATA, MODELS, load_script, read_log, read_results
 
-pytestmark = pytest.mark.flax_models
 
 # Thresholds the trained tiny models pass and the untrained ones fail (both shown below).
 PAIR_ACCURACY = 0.8

@@ -25,7 +25,6 @@ def ner_command(output_dir, *extra):
     ]
 
 
-@pytest.mark.flax_models
 def test_fine_tuning_finds_entities(tmp_path):
     ner().main(ner_command(tmp_path, "--return_entity_level_metrics", "--do_predict",
                            "--test_file", str(ENTITIES / "validation.json")))
@@ -37,7 +36,6 @@ def test_fine_tuning_finds_entities(tmp_path):
     assert len(predictions) == 40 and predictions[0].split()[0] in ("B-PER", "B-ORG", "O")
 
 
-@pytest.mark.flax_models
 def test_untrained_model_fails_the_thresholds(tmp_path):
     args = ner_command(tmp_path)
     args.remove("--do_train")

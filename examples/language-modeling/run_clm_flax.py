@@ -51,7 +51,7 @@ def concatenate_into_blocks(token_lists: list[list[int]], block_size: int, pad_i
 
 def main(argv=None):
     model_args, data_args, training_args = parse_args(
-        (ModelArguments, LanguageModelingDataArguments, TrainingArguments), argv, __doc__
+        (ModelArguments, LanguageModelingDataArguments, TrainingArguments), argv, __doc__, __file__
     )
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=scripts.TEXT_EXTENSIONS)

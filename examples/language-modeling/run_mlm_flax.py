@@ -100,7 +100,7 @@ def blocks_with_special_tokens(token_lists, tokenizer, max_length: int) -> dict[
 
 def main(argv=None):
     model_args, data_args, training_args = parse_args(
-        (ModelArguments, MaskedLanguageModelingDataArguments, TrainingArguments), argv, __doc__
+        (ModelArguments, MaskedLanguageModelingDataArguments, TrainingArguments), argv, __doc__, __file__
     )
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=scripts.TEXT_EXTENSIONS)

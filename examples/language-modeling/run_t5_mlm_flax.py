@@ -121,7 +121,7 @@ def sentinel_ids(tokenizer, needed: int) -> np.ndarray:
 
 def main(argv=None):
     model_args, data_args, training_args = parse_args(
-        (ModelArguments, SpanCorruptionDataArguments, TrainingArguments), argv, __doc__
+        (ModelArguments, SpanCorruptionDataArguments, TrainingArguments), argv, __doc__, __file__
     )
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=scripts.TEXT_EXTENSIONS)

@@ -151,7 +151,7 @@ def best_answers(example: dict, windows: list[tuple[np.ndarray, ...]], args: Que
 
 def main(argv=None):
     model_args, data_args, training_args = parse_args(
-        (ModelArguments, QuestionAnsweringDataArguments, TrainingArguments), argv, __doc__
+        (ModelArguments, QuestionAnsweringDataArguments, TrainingArguments), argv, __doc__, __file__
     )
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=(".json", ".jsonl"), json_field="data")

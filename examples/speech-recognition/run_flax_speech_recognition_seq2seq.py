@@ -73,7 +73,7 @@ def stack_inputs(values: list, name: str) -> dict[str, np.ndarray]:
 
 def main(argv=None):
     model_args, data_args, seq2seq_args, training_args = parse_args(
-        (SpeechModelArguments, SpeechDataArguments, Seq2SeqArguments, TrainingArguments), argv, __doc__
+        (SpeechModelArguments, SpeechDataArguments, Seq2SeqArguments, TrainingArguments), argv, __doc__, __file__
     )
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(
@@ -142,7 +142,7 @@ def main(argv=None):
     def target_losses(params, batch, weights, **kwargs):
         """Per-example label-smoothed loss sums and transcript token counts, both [batch]."""
         logits = model(
-            params, *(batch[name] for name in audio_inputs), decoder_input_ids=batch["decoder_input_ids"],
+            params, **{name: batch[name] for name in audio_inputs}, decoder_input_ids=batch["decoder_input_ids"],
             decoder_attention_mask=batch["labels"] >= 0, **kwargs,
         ).logits
         return losses.cross_entropy(
@@ -158,10 +158,7 @@ def main(argv=None):
         loss_sums, counts = target_losses(params, batch, jnp.ones_like(batch["example_mask"]), train=False)
         outputs = {"loss_sum": loss_sums, "count": counts, "labels": batch["labels"]}
         if seq2seq_args.predict_with_generate:
-            extra = {"attention_mask": batch["attention_mask"]} if "attention_mask" in audio_inputs else {}
-            outputs["generated"] = model.implementation.generate(
-                batch[input_name], params=params, **extra, **generation
-            ).sequences
+            outputs["generated"] = model.generate(params, {name: batch[name] for name in audio_inputs}, **generation)
         return outputs
 
     def compute_metrics(outputs, split):

@@ -59,7 +59,7 @@ def pick_column(requested: Optional[str], known: tuple[str, ...], columns: list[
 
 def main(argv=None):
     model_args, data_args, seq2seq_args, training_args = parse_args(
-        (ModelArguments, SummarizationDataArguments, Seq2SeqArguments, TrainingArguments), argv, __doc__
+        (ModelArguments, SummarizationDataArguments, Seq2SeqArguments, TrainingArguments), argv, __doc__, __file__
     )
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=(".csv", ".json", ".jsonl"))
@@ -124,9 +124,9 @@ def main(argv=None):
         loss_sums, counts = target_losses(params, batch, jnp.ones_like(batch["example_mask"]), train=False)
         outputs = {"loss_sum": loss_sums, "count": counts, "labels": batch["labels"]}
         if seq2seq_args.predict_with_generate:
-            outputs["generated"] = model.implementation.generate(
-                batch["input_ids"], attention_mask=batch["attention_mask"], params=params, **generation
-            ).sequences
+            outputs["generated"] = model.generate(
+                params, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, **generation
+            )
         return outputs
 
     def compute_metrics(outputs, split):

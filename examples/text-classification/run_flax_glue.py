@@ -105,7 +105,7 @@ def label_names(splits: dict, label_column: str, config_labels: Optional[dict]) 
 
 def main(argv=None):
     model_args, data_args, training_args = parse_args(
-        (ClassificationModelArguments, ClassificationDataArguments, TrainingArguments), argv, __doc__
+        (ClassificationModelArguments, ClassificationDataArguments, TrainingArguments), argv, __doc__, __file__
     )
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
         training_args.do_train = data_args.train_file is not None

@@ -74,7 +74,7 @@ def align_labels(word_ids: list, word_labels: list[int], label_all_tokens: bool,
 
 def main(argv=None):
     model_args, data_args, training_args = parse_args(
-        (ModelArguments, TokenClassificationDataArguments, TrainingArguments), argv, __doc__
+        (ModelArguments, TokenClassificationDataArguments, TrainingArguments), argv, __doc__, __file__
     )
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=(".json", ".jsonl", ".csv"))

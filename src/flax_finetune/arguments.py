@@ -88,9 +88,12 @@ def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, annotat
     group.add_argument(flag, **options)
 
 
-def build_parser(dataclass_types: Sequence[type], description: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    dataclass_types: Sequence[type], description: str | None = None, prog: str | None = None
+) -> argparse.ArgumentParser:
     """An argparse parser with one group per dataclass."""
     parser = argparse.ArgumentParser(
+        prog=prog,
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
@@ -103,6 +106,14 @@ def build_parser(dataclass_types: Sequence[type], description: str | None = None
             if field.init:
                 _add_field(group, field, hints[field.name])
     return parser
+
+
+def _shown_path(path: str) -> str:
+    """`path` relative to the working directory when it lies below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _json_to_argv(path: Path) -> list[str]:
@@ -123,22 +134,30 @@ def _json_to_argv(path: Path) -> list[str]:
 
 
 def parse_args(
-    dataclass_types: Sequence[type], argv: Sequence[str] | None = None, description: str | None = None
+    dataclass_types: Sequence[type],
+    argv: Sequence[str] | None = None,
+    description: str | None = None,
+    script: str | None = None,
 ) -> tuple[Any, ...]:
     """Parse `argv` (default: sys.argv[1:]) into one instance of each dataclass.
 
     A single argument ending in `.json` is read as a JSON object of flag values.
     Unknown flags are an error: a flag that is accepted is always honoured.
+    `script` (the script's file) names the program and goes into
+    `TrainingArguments.command`, the command line recorded in the model card.
     """
     argv = [str(item) for item in (sys.argv[1:] if argv is None else argv)]  # paths welcome
     if len(argv) == 1 and argv[0].endswith(".json"):
         argv = _json_to_argv(Path(argv[0]))
-    parser = build_parser(dataclass_types, description)
+    parser = build_parser(dataclass_types, description, Path(script).name if script else None)
     namespace = vars(parser.parse_args(argv))
     instances = []
     for dataclass_type in dataclass_types:
         names = [field.name for field in dataclasses.fields(dataclass_type) if field.init]
-        instances.append(dataclass_type(**{name: namespace[name] for name in names}))
+        instance = dataclass_type(**{name: namespace[name] for name in names})
+        if hasattr(instance, "command"):
+            instance.command = ["python", _shown_path(script or parser.prog), *argv]
+        instances.append(instance)
     return tuple(instances)
 
 
@@ -251,12 +270,23 @@ class TrainingArguments:
         "in --output_dir.", const=LATEST_CHECKPOINT,
     )
     seed: int = arg(42, "Seed of initialisation, shuffling and dropout.")
-    disable_tqdm: bool = arg(False, "No progress bars.")
+    disable_tqdm: bool = arg(False, "No progress bars (they are off anyway when stderr is not a terminal).")
+    report_to: Optional[list[str]] = arg(
+        None, "Where metrics go: none, or jsonl and/or tensorboard (default: jsonl, and tensorboard when "
+        "tensorboardX is installed)."
+    )
+    push_to_hub: bool = arg(False, "Upload the output folder (the model, its card and results) to the Hugging Face Hub.")
+    hub_model_id: Optional[str] = arg(None, "Hub repository (user/name) to push to (default: the output folder's name).")
+    hub_token: Optional[str] = arg(None, "Hub token (default: the logged-in user's, or HF_TOKEN).")
+    hub_strategy: Literal["end", "every_save"] = arg(
+        "every_save", "Push at the end only, or also at every --save_steps."
+    )
     coordinator_address: Optional[str] = arg(
         None, "host:port of process 0 of a multi-process run (jax.distributed); every process gets the same."
     )
     num_processes: Optional[int] = arg(None, "Processes in a multi-process run (default: detected from the cluster).")
     process_id: Optional[int] = arg(None, "This process's index, 0 to --num_processes - 1 (default: detected).")
+    command: list[str] = dataclasses.field(default_factory=list, init=False)  # the command line, for the model card
 
     def __post_init__(self):
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",

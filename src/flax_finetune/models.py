@@ -1,65 +1,121 @@
 """The model layer: the only place scripts get models, configs and tokenizers from.
 
-`load(name_or_path, task)` returns a `Model` (a callable module, its params
-and its config) whatever implements it; today the implementations are
-Transformers' Flax classes (Transformers 4.x). `save` writes the
-`save_pretrained` folder: config, weights, tokenizer.
+`load(name_or_path, task)` returns a `Model`: one of this project's Flax
+modules (`flax_finetune.modeling`), its params and its Transformers config.
+Weights are read from `model.safetensors` (PyTorch layout, also sharded),
+`flax_model.msgpack` (Transformers 4.x Flax) or `pytorch_model.bin` (with
+torch); `Model.save` writes `model.safetensors` in PyTorch layout with
+`config.json`, which Transformers' PyTorch classes load. Transformers
+provides configs, tokenizers and feature extractors, in every version.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from flax_finetune.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-# task -> the Transformers Flax auto class that implements it
-TASK_CLASSES = {
-    "sequence-classification": "FlaxAutoModelForSequenceClassification",
-    "token-classification": "FlaxAutoModelForTokenClassification",
-    "question-answering": "FlaxAutoModelForQuestionAnswering",
-    "masked-lm": "FlaxAutoModelForMaskedLM",
-    "causal-lm": "FlaxAutoModelForCausalLM",
-    "seq2seq-lm": "FlaxAutoModelForSeq2SeqLM",
-    "speech-seq2seq": "FlaxAutoModelForSpeechSeq2Seq",
-}
+TASKS = (
+    "sequence-classification",
+    "token-classification",
+    "question-answering",
+    "masked-lm",
+    "causal-lm",
+    "seq2seq-lm",
+    "speech-seq2seq",
+)
 DTYPES = ("float32", "bfloat16", "float16")
+
+# model type -> the name of its base model in a head model's tree (as in Transformers' checkpoints),
+# so that a base-model checkpoint fills a head model and the other way round
+BASE_MODEL_PREFIXES = {
+    "bert": "bert",
+    "roberta": "roberta",
+    "distilbert": "distilbert",
+    "gpt2": "transformer",
+    "t5": "transformer",
+    "whisper": "model",
+}
+
+# files a hub download needs: weights in any supported format, configs, tokenizer and feature extractor
+HUB_FILES = ["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model", "*.bin"]
+
+
+def modules() -> dict:
+    """(model type, task) -> Flax module class, for every architecture this project implements."""
+    from flax_finetune import modeling
+    from flax_finetune.modeling import bert, distilbert, gpt2, t5, whisper  # noqa: F401  (they register)
+
+    return modeling.MODULES
+
+
+def supported(task: Optional[str] = None) -> list[str]:
+    """The model types implemented (for `task`, or for any task)."""
+    return sorted({model_type for model_type, implemented in modules() if task in (None, implemented)})
 
 
 @dataclass
 class Model:
-    """A Flax model: call it as `model(params, **inputs, dropout_rng=..., train=...)`."""
+    """A Flax module with its params and config.
 
-    implementation: Any
+    Call it as `model(params, input_ids=..., attention_mask=..., dropout_rng=key, train=True)`;
+    it returns the module's `Output` (logits, or start/end logits).
+    """
+
+    module: Any
     params: Any
     config: Any
+    generation_config: Any = None
 
-    def __call__(self, params, *args, **kwargs):
-        return self.implementation(*args, params=params, **kwargs)
+    def __call__(self, params, *, dropout_rng=None, train: bool = False, **inputs):
+        rngs = {"dropout": dropout_rng} if train and dropout_rng is not None else {}
+        return self.module.apply({"params": params}, **inputs, deterministic=not train, rngs=rngs)
+
+    def generate(self, params, inputs: dict, **settings):
+        """Token ids [batch, max_length] by greedy search (num_beams 1) or beam search, with a key/value cache.
+
+        `inputs`: the encoder's (input_ids and attention_mask [batch, length], or input_features).
+        `settings` (max_length, num_beams; for Whisper also language and task) override the
+        model's generation config, which supplies the rest (start and end tokens, Whisper's
+        forced prefix, length penalty). Traceable: scripts call it inside their jitted predict step.
+        """
+        from flax_finetune.modeling import generation
+
+        options = generation.generation_kwargs(self.generation_config, **settings)
+        return generation.generate(self.module, params, inputs, **options)
 
     def save(self, params, directory: str) -> None:
-        """Write config and weights in `save_pretrained` layout."""
+        """Write `config.json` (and `generation_config.json`) and `model.safetensors` in PyTorch layout."""
         import jax
 
-        self.implementation.save_pretrained(directory, params=jax.device_get(params))
+        from flax_finetune.modeling import checkpoint_io
+
+        self.config.save_pretrained(directory)
+        if self.generation_config is not None and _is_encoder_decoder(self.config):
+            self.generation_config.save_pretrained(directory)
+        checkpoint_io.write_safetensors(jax.device_get(params), directory, self.config.model_type)
 
 
-def auto_class_for(task: str):
-    """The Transformers Flax auto class for `task`; an InputError where Transformers has none."""
-    if task not in TASK_CLASSES:
-        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASK_CLASSES)}")
-    import transformers
+def _is_encoder_decoder(config: Any) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False))
 
-    auto_class = getattr(transformers, TASK_CLASSES[task], None)
-    if auto_class is None:
+
+def module_class(config: Any, task: str) -> type:
+    """The Flax module implementing `task` for `config`'s architecture; an InputError listing the supported ones."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+    implemented = modules().get((config.model_type, task))
+    if implemented is None:
         raise InputError(
-            f"transformers {transformers.__version__} has no Flax model classes "
-            f"(they were removed in Transformers 5); install transformers<5 for the {task} models"
+            f"model type {config.model_type!r} is not supported for {task}; "
+            f"supported: {', '.join(supported(task))}"
         )
-    return auto_class
+    return implemented
 
 
 def _jnp_dtype(dtype: str):
@@ -70,8 +126,55 @@ def _jnp_dtype(dtype: str):
     return getattr(jnp, dtype)
 
 
-def _supported_model_types(auto_class) -> list[str]:
-    return sorted(config.model_type for config in auto_class._model_mapping.keys())
+def example_inputs(config: Any, task: str) -> dict:
+    """Smallest inputs that build every parameter of a `task` module (shapes only matter)."""
+    import jax.numpy as jnp
+
+    tokens = jnp.ones((1, 8), jnp.int32)
+    if task == "speech-seq2seq":
+        features = jnp.zeros((1, config.num_mel_bins, 2 * config.max_source_positions), jnp.float32)
+        return {"input_features": features, "decoder_input_ids": tokens}
+    if task == "seq2seq-lm":
+        return {"input_ids": tokens, "decoder_input_ids": tokens}
+    return {"input_ids": tokens}
+
+
+def _init_function(module: Any, config: Any, task: str):
+    """seed key -> a freshly initialised params tree, jitted (one compilation instead of op by op)."""
+    import jax
+
+    inputs = example_inputs(config, task)
+    return jax.jit(lambda key: module.init(key, **inputs)["params"])
+
+
+def _generation_config(folder: Optional[Path], config: Any) -> Any:
+    """The checkpoint's generation_config.json, else one derived from the model config (encoder-decoders only)."""
+    if not _is_encoder_decoder(config):
+        return None
+    import transformers
+
+    if folder is not None and (folder / "generation_config.json").is_file():
+        return transformers.GenerationConfig.from_pretrained(folder)
+    return transformers.GenerationConfig.from_model_config(config)
+
+
+def _local_folder(name_or_path: str, hub: Optional[dict]) -> Path:
+    """`name_or_path` as a folder: itself, or its hub snapshot (downloaded once into the cache)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists() or name_or_path.startswith((".", "/")) or name_or_path.count("/") > 1:
+        raise InputError(f"--model_name_or_path {name_or_path}: no such model folder")
+    from huggingface_hub import snapshot_download
+
+    options = hub or {}
+    try:
+        return Path(snapshot_download(
+            name_or_path, allow_patterns=HUB_FILES, cache_dir=options.get("cache_dir"),
+            revision=options.get("revision"), token=options.get("token"),
+        ))
+    except Exception as error:  # noqa: BLE001  (network, auth, missing repo: all mean "cannot get it")
+        raise InputError(f"--model_name_or_path {name_or_path}: not a folder, and the hub has none: {error}") from None
 
 
 def load(
@@ -86,58 +189,55 @@ def load(
     """Load pretrained weights for `task` from a folder or hub name.
 
     `config` overrides the checkpoint's config (e.g. a new label count); heads
-    the checkpoint does not have are initialised from `seed`. `hub` holds
-    cache_dir / revision / token for hub downloads.
+    the checkpoint does not have are initialised from `seed` (logged). `hub`
+    holds cache_dir / revision / token for hub downloads.
     """
-    auto_class = auto_class_for(task)
-    config = config if config is not None else load_config(name_or_path, hub=hub)
-    if type(config) not in auto_class._model_mapping:
-        raise InputError(
-            f"{name_or_path}: model type {config.model_type!r} has no Flax {task} model; "
-            f"supported: {', '.join(_supported_model_types(auto_class))}"
-        )
-    options = dict(config=config, dtype=_jnp_dtype(dtype), **(hub or {}))
+    import jax
+
+    from flax_finetune.modeling import checkpoint_io
+
+    folder = _local_folder(name_or_path, hub)
+    config = config if config is not None else load_config(str(folder))
+    module = module_class(config, task)(config=config, dtype=_jnp_dtype(dtype))
+    init = _init_function(module, config, task)
+    shapes = jax.eval_shape(init, jax.random.PRNGKey(seed))
     try:
-        try:
-            implementation, params = auto_class.from_pretrained(name_or_path, _do_init=False, **options)
-        except ValueError as error:
-            if "_do_init" not in str(error):
-                raise
-            # Transformers converts PyTorch-layout weights only into an initialised model: slower, same result.
-            implementation = auto_class.from_pretrained(name_or_path, seed=seed, **options)
-            return Model(implementation, implementation.params, config)
+        params, missing, unexpected = checkpoint_io.read_params(
+            folder, shapes, BASE_MODEL_PREFIXES.get(config.model_type, ""), config.model_type
+        )
     except (OSError, ValueError) as error:
         raise InputError(f"--model_name_or_path {name_or_path}: {error}") from None
-    return Model(implementation, _initialise(implementation, seed, params), config)
+    if unexpected:
+        logger.info("%s: not used by the %s model: %s", name_or_path, task, _summary(unexpected))
+    if missing:
+        logger.info("%s: newly initialised (not in the checkpoint): %s", name_or_path, _summary(["/".join(p) for p in missing]))
+        params = _fill_missing(params, init(jax.random.PRNGKey(seed)))
+    return Model(module, params, config, _generation_config(folder, config))
+
+
+def _summary(names: list[str], shown: int = 8) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _fill_missing(params: dict, initialised: Any) -> dict:
+    """`initialised`'s values wherever `params` has no entry; `params` elsewhere."""
+    import jax
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    loaded = flatten_dict(params)
+    return unflatten_dict({
+        path: loaded.get(path, value) for path, value in flatten_dict(jax.device_get(initialised)).items()
+    })
 
 
 def from_config(config: Any, task: str, *, dtype: str = "float32", seed: int = 0) -> Model:
     """A freshly initialised model (training from scratch)."""
-    auto_class = auto_class_for(task)
-    if type(config) not in auto_class._model_mapping:
-        raise InputError(
-            f"model type {config.model_type!r} has no Flax {task} model; "
-            f"supported: {', '.join(_supported_model_types(auto_class))}"
-        )
-    implementation = auto_class.from_config(config, dtype=_jnp_dtype(dtype), _do_init=False)
-    return Model(implementation, _initialise(implementation, seed), config)
-
-
-def _initialise(implementation, seed: int, params=None):
-    """Random values for every parameter missing from `params`, in one compiled init.
-
-    Transformers' eager initialisation compiles op by op (seconds even for a
-    tiny model); jitting it compiles once. Returns the complete tree.
-    """
-    import flax
     import jax
 
-    flat = flax.traverse_util.flatten_dict(params or {})
-    if params is not None and set(flat) >= set(implementation.required_params):
-        return params
-    init = jax.jit(implementation.init_weights, static_argnums=1)
-    full = init(jax.random.PRNGKey(seed), implementation.input_shape, params)
-    return flax.core.unfreeze(full)
+    module = module_class(config, task)(config=config, dtype=_jnp_dtype(dtype))
+    params = jax.device_get(_init_function(module, config, task)(jax.random.PRNGKey(seed)))
+    return Model(module, params, config, _generation_config(None, config))
 
 
 def load_config(name_or_path: str, *, hub: Optional[dict] = None, **overrides):
@@ -155,8 +255,9 @@ def new_config(model_type: str, **overrides):
     import transformers
 
     if model_type not in transformers.CONFIG_MAPPING:
-        raise InputError(f"--model_type {model_type}: unknown; known types include "
-                         f"{', '.join(sorted(transformers.CONFIG_MAPPING.keys())[:40])}, ...")
+        raise InputError(f"--model_type {model_type}: unknown; supported: {', '.join(supported())}")
+    if model_type not in supported():
+        raise InputError(f"--model_type {model_type}: not implemented here; supported: {', '.join(supported())}")
     return transformers.CONFIG_MAPPING[model_type](**overrides)
 
 

@@ -9,15 +9,14 @@ leaves a half-written results file.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
+from flax_finetune import reporting
 from flax_finetune.errors import InputError
-
-METRICS_LOG = "metrics.jsonl"
+from flax_finetune.reporting import METRICS_LOG
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -33,21 +32,14 @@ def write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def _json_number(value: Any) -> Any:
-    """numpy / jax scalars -> plain Python numbers; non-finite floats stay readable as strings."""
-    if hasattr(value, "item"):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
 class OutputDir:
     """The folder a run writes to: results, metrics log, checkpoints, the exported model."""
 
-    def __init__(self, path: str, overwrite: bool, is_writer: bool = True):
+    def __init__(self, path: str, overwrite: bool, is_writer: bool = True, report_to: Optional[Sequence[str]] = None):
         self.path = Path(path)
         self.is_writer = is_writer
+        self.destinations = reporting.resolve_report_to(report_to)
+        self.logs: list = []
         if not is_writer:  # process 0 checks and writes; the others only compute
             return
         if self.path.exists() and not self.path.is_dir():
@@ -67,6 +59,7 @@ class OutputDir:
             self.path.mkdir(parents=True, exist_ok=True)
             if not keep_log:
                 (self.path / METRICS_LOG).unlink(missing_ok=True)
+            self.logs = reporting.open_logs(self.path, self.destinations)
 
     def truncate_log(self, step: int) -> None:
         """Drop log lines past `step`: a resumed run logs those steps again, as they happen."""
@@ -79,7 +72,7 @@ class OutputDir:
     def write_json(self, name: str, data: Mapping[str, Any]) -> Path:
         path = self.path / name
         if self.is_writer:
-            clean = {key: _json_number(value) for key, value in data.items()}
+            clean = {key: reporting.plain(value) for key, value in data.items()}
             write_atomically(path, json.dumps(clean, indent=2, sort_keys=True) + "\n")
         return path
 
@@ -89,10 +82,14 @@ class OutputDir:
         return self.write_json(f"{split}_results.json", prefixed)
 
     def log(self, record: Mapping[str, Any]) -> None:
-        """Append one line to metrics.jsonl."""
-        if self.is_writer:
-            with open(self.path / METRICS_LOG, "a", encoding="utf-8") as stream:
-                stream.write(json.dumps({key: _json_number(value) for key, value in record.items()}) + "\n")
+        """One record (a step's metrics) to every --report_to destination."""
+        for log in self.logs:
+            log.write(record)
+
+    def close(self) -> None:
+        for log in self.logs:
+            log.close()
+        self.logs = []
 
     def write_text(self, name: str, text: str) -> Path:
         path = self.path / name

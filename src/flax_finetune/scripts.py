@@ -140,7 +140,16 @@ class Run:
             training_args.output_dir,
             overwrite=training_args.overwrite_output_dir or bool(training_args.resume_from_checkpoint),
             is_writer=is_writer,
+            report_to=training_args.report_to,
         )
+        self.hub = None
+        if training_args.push_to_hub and is_writer:
+            from flax_finetune.hub import Hub
+
+            self.hub = Hub(self.output.path, training_args.hub_model_id, training_args.hub_token)
+            self.hub.connect()
+        self.task = ""
+        self.data_sources: dict[str, tuple[str, int]] = {}
 
     def load_splits(
         self,
@@ -196,7 +205,12 @@ class Run:
             splits["train"], splits["validation"] = data.hold_out(splits["train"], validation_split_percentage)
         limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
                   "test": data_args.max_predict_samples}
-        return {split: data.take_first(dataset, limits[split]) for split, dataset in splits.items()}
+        splits = {split: data.take_first(dataset, limits[split]) for split, dataset in splits.items()}
+        self.data_sources = {
+            split: (data_args.files()[split][1] or f"{data_args.dataset_name} ({split})", len(dataset))
+            for split, dataset in splits.items()
+        }
+        return splits
 
     def config(self, model_args: Any, tokenizer: Any, **overrides: Any) -> Any:
         """The model config: --config_name, else the model's own, else a new one of --model_type.
@@ -250,6 +264,7 @@ class Run:
         """Pretrained weights from --model_name_or_path, else a new model from `config`."""
         from flax_finetune import models
 
+        self.task = task
         if model_args.model_name_or_path:
             return models.load(
                 model_args.model_name_or_path, task, config=config, dtype=model_args.dtype,
@@ -282,7 +297,9 @@ class Run:
         feature extractor); --do_eval and --do_predict run
         predict_fn over rows["validation"] / rows["test"], hand the outputs to
         `write_predictions(outputs, split)` and write {split}_results.json
-        (for the test split only when it has labels).
+        (for the test split only when it has labels). A trained model gets its
+        README.md model card, and with --push_to_hub goes to the hub (also at
+        every --save_steps with --hub_strategy every_save).
         """
         import time
 
@@ -292,19 +309,46 @@ class Run:
             raise InputError("no training steps: raise --num_train_epochs or --max_steps")
         trainer = self.trainer(loss_fn, predict_fn)
         params = model.params
-        if self.args.do_train:
-            params = trainer.train(params, rows["train"], rows.get("validation"), compute_metrics)
-            self.save_model(model, params, *processors)
-        final = [("validation", "eval", True)] if self.args.do_eval else []
-        final += [("test", "test", test_has_labels)] if self.args.do_predict else []
-        for split, prefix, scored in final:
-            started = time.perf_counter()
-            outputs = trainer.predict(params, rows[split])
-            if write_predictions is not None:
-                write_predictions(outputs, prefix)
-            if scored:
-                trainer.report(compute_metrics(outputs, prefix), prefix, time.perf_counter() - started, len(rows[split]))
+        results: dict[str, float] = {}
+        try:
+            if self.args.do_train:
+                if self.hub is not None and self.args.hub_strategy == "every_save":
+                    def export_and_push(step: int, params: Any) -> None:
+                        self.save_model(model, params, *processors)
+                        self.hub.push(f"Training in progress, step {step}")
+
+                    trainer.on_save = export_and_push
+                params = trainer.train(params, rows["train"], rows.get("validation"), compute_metrics)
+                self.save_model(model, params, *processors)
+            final = [("validation", "eval", True)] if self.args.do_eval else []
+            final += [("test", "test", test_has_labels)] if self.args.do_predict else []
+            for split, prefix, scored in final:
+                started = time.perf_counter()
+                outputs = trainer.predict(params, rows[split])
+                if write_predictions is not None:
+                    write_predictions(outputs, prefix)
+                if scored:
+                    results.update(trainer.report(
+                        compute_metrics(outputs, prefix), prefix, time.perf_counter() - started, len(rows[split])
+                    ))
+            if self.args.do_train:
+                self.write_model_card(model, results)
+                if self.hub is not None:
+                    self.hub.push("End of training")
+        finally:
+            self.output.close()
         return params
+
+    def write_model_card(self, model: Any, results: Mapping[str, float]) -> None:
+        """README.md beside the trained model: task, base model, data, results, command, versions."""
+        from flax_finetune.model_card import model_card
+
+        base = self.model_args.model_name_or_path or f"a new {model.config.model_type} model"
+        shown = {name: value for name, value in results.items() if not name.endswith(("_runtime", "_samples"))}
+        self.output.write_text("README.md", model_card(
+            title=self.output.path.resolve().name, task=self.task, base_model=base, data=self.data_sources,
+            command=self.args.command, results=shown,
+        ))
 
     def save_model(self, model: Any, params: Any, *processors: Any) -> None:
         """The trained model as a `save_pretrained` folder in --output_dir: config, weights,

@@ -43,9 +43,8 @@ def target_length_limit(requested: int, config: Any) -> int:
 
 
 def generation_options(model: Any, max_length: int, num_beams: Optional[int]) -> dict:
-    """Keyword arguments for `generate`: the length limit, and beams (default: the model's own setting)."""
-    config = getattr(model.implementation, "generation_config", None) or model.config
-    beams = num_beams if num_beams is not None else (getattr(config, "num_beams", None) or 1)
+    """Settings for `Model.generate`: the length limit, and beams (default: the model's own setting)."""
+    beams = num_beams if num_beams is not None else (getattr(model.generation_config, "num_beams", None) or 1)
     return {"max_length": max_length, "num_beams": beams}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -85,6 +86,13 @@ class Trainer:
         self.loss_fn = loss_fn
         self.mesh = training.data_mesh()
         self.predict_step = training.make_predict_step(predict_fn, self.mesh)
+        # on_save(step, params): called after each checkpoint (the script exports and pushes there)
+        self.on_save: Optional[Callable[[int, Any], None]] = None
+        # Bars on a terminal; elsewhere (a log file, CI) a log line every --logging_steps instead.
+        self.show_bars = not args.disable_tqdm and sys.stderr.isatty()
+        self._last_log_time = time.perf_counter()
+        # the last training step, once training ran: final evaluations are logged at it
+        self.trained_steps: Optional[int] = None
 
     def _plan(self, num_examples: int, per_device_batch_size: int, micro_batches: int = 1) -> data.BatchPlan:
         return data.BatchPlan(
@@ -113,6 +121,7 @@ class Trainer:
         `save_steps` and resumes from `resume_from_checkpoint`.
         """
         args = self.args
+        entered = time.perf_counter()
         plan = self._plan(len(rows), args.per_device_train_batch_size, args.gradient_accumulation_steps)
         data.warn_if_smaller_than_batch(len(rows), plan.global_batch_size, "train")
         steps_per_epoch, total_steps = self.total_steps(len(rows))
@@ -145,31 +154,46 @@ class Trainer:
         step = int(state.step)
         self.output.truncate_log(step)
         first_step, started = step, time.perf_counter()
+        self._last_log_time = started
         pending: list[Mapping[str, jax.Array]] = []
         guard = DivergenceGuard(total_steps)
+        first_step_seconds = None  # from entering train() to the first step's result: mostly compilation
         try:
             while step < total_steps:
                 epoch, offset = divmod(step, steps_per_epoch)
                 batches_left = min(steps_per_epoch, offset + total_steps - step)
-                with progress_bar(batches_left, offset, f"epoch {epoch + 1}", args.disable_tqdm) as bar:
+                with progress_bar(batches_left, offset, f"epoch {epoch + 1}", not self.show_bars) as bar:
                     for local in data.iterate_batches(rows, plan, args.seed, epoch, offset):
                         state, metrics = train_step(state, training.put_batch(local, self.mesh), dropout_rng)
                         step += 1
+                        if first_step_seconds is None:
+                            jax.block_until_ready(metrics)
+                            first_step_seconds = time.perf_counter() - entered
+                            logger.info("first step done %.2f s after training started (compilation included)",
+                                        first_step_seconds)
                         pending.append(metrics)
                         guard.add(step, metrics)
                         bar.update()
                         if step % args.logging_steps == 0 or step == total_steps:
                             guard.check()
-                            record = self._log_training(step, step / steps_per_epoch, pending)
+                            record = self._log_training(step, step / steps_per_epoch, pending, plan.global_batch_size)
                             bar.set_postfix(loss=f"{record['train_loss']:.4f}", lr=f"{record['learning_rate']:.2e}")
+                            if not self.show_bars:
+                                logger.info(
+                                    "step %d/%d (epoch %.2f): loss %.4f, learning rate %.3g, %.2f steps/s",
+                                    step, total_steps, record["epoch"], record["train_loss"],
+                                    record["learning_rate"], record["train_steps_per_second"],
+                                )
                             pending = []
-                        if eval_rows is not None and args.eval_steps and step % args.eval_steps == 0:
+                        if eval_rows is not None and args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
                             scores = self.evaluate(state.params, eval_rows, compute_metrics, split="eval", write=False)
                             self.output.log({"step": step, "epoch": step / steps_per_epoch, **scores})
                         if checkpoints is not None and step % args.save_steps == 0:
                             guard.check()  # a diverged state is never saved
                             checkpoints.save(step, state, {**position, "step": step, "epoch": epoch})
                             guard.last_checkpoint = checkpoints.path(step)
+                            if self.on_save is not None and step < total_steps:  # the end of training follows
+                                self.on_save(step, state.params)
                         if step >= total_steps:
                             break
             guard.check()
@@ -187,17 +211,25 @@ class Trainer:
                 "steps_per_second": (step - first_step) / runtime if runtime else 0.0,
                 "steps": step,
                 "samples": len(rows),
+                "first_step_seconds": first_step_seconds or 0.0,
             },
         )
+        self.trained_steps = step
         return state.params
 
-    def _log_training(self, step: int, epoch: float, pending: list) -> dict:
+    def _log_training(self, step: int, epoch: float, pending: list, global_batch_size: int) -> dict:
+        """Mean loss of the steps since the last log line, learning rate, and their throughput."""
         values = jax.device_get(pending)
+        now = time.perf_counter()
+        seconds = max(now - self._last_log_time, 1e-9)
+        self._last_log_time = now
         record = {
             "step": step,
             "epoch": epoch,
             "train_loss": float(np.mean([value["loss"] for value in values])),
             "learning_rate": float(values[-1]["learning_rate"]),
+            "train_steps_per_second": len(values) / seconds,
+            "train_samples_per_second": len(values) * global_batch_size / seconds,
         }
         self.output.log(record)
         return record
@@ -228,7 +260,7 @@ class Trainer:
         padded = np.full((calls * per_call, order.shape[1]), -1, dtype=order.dtype)
         padded[: len(order)] = order
         chunks = []
-        with progress_bar(calls, 0, "evaluating", self.args.disable_tqdm, leave=False) as bar:
+        with progress_bar(calls, 0, "evaluating", not self.show_bars, leave=False) as bar:
             for chunk in padded.reshape(calls, per_call, -1):
                 local = data.gather(rows, plan.local(chunk))
                 outputs = self.predict_step(params, training.put_batch(local, self.mesh))
@@ -255,5 +287,7 @@ class Trainer:
         prefixed = {f"{split}_{name}": value for name, value in {**metrics, "runtime": runtime, "samples": samples}.items()}
         if write:
             self.output.write_results(split, prefixed)
+            if self.trained_steps is not None:
+                self.output.log({"step": self.trained_steps, **prefixed})
         logger.info("%s: %s", split, ", ".join(f"{k}={v:.4g}" for k, v in prefixed.items()))
         return prefixed

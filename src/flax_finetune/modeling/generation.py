@@ -1,0 +1,423 @@
+"""Greedy and beam-search generation for this project's encoder-decoder modules (T5, Whisper).
+
+A module used here provides, through `module.apply({"params": params}, ..., method=...)`:
+
+- `encode(**inputs)` -> encoder_hidden_states [batch, source_length, d_model];
+- `init_decoding_state(encoder_hidden_states, encoder_attention_mask, max_length=...)` -> a
+  decoding state: a dict whose "cache" entry (arrays [batch, ...]) follows the beams, while
+  everything else ("position", "encoder") is the same for every beam of one input;
+- `decode_step(token_ids [batch], state)` -> (logits [batch, vocab], next state).
+
+`generate` encodes once, then runs one decoder token per step against the key/value cache in a
+`lax.while_loop`; the whole of it is one `jax.jit` computation, compiled once per module,
+options and input shapes. The tokens are those of Transformers' FlaxGenerationMixin (greedy
+search and beam search, with its logits processors for min_length, forced BOS/EOS, suppressed
+tokens, tokens suppressed at the first free step, and forced decoder ids).
+
+From a Transformers GenerationConfig:
+
+    options = generation_kwargs(generation_config, max_length=128, num_beams=4)
+    sequences = generate(module, params, {"input_ids": ids, "attention_mask": mask}, **options)  # T5
+    options = generation_kwargs(generation_config, max_length=225, language="german", task="transcribe")
+    sequences = generate(module, params, {"input_features": features}, **options)  # Whisper
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import threading
+from typing import Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+
+# Score given to a finished hypothesis in the running set, and to running hypotheses in the finished
+# set, so that they are never chosen; also the initial score of the empty beams (as in Transformers).
+NEVER = -1.0e7
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    """Everything `generate` fixes at compile time (hashable: it keys the compiled functions)."""
+
+    max_length: int
+    num_beams: int
+    decoder_start_token_id: int
+    eos_token_id: Optional[int]
+    pad_token_id: int
+    length_penalty: float = 1.0
+    early_stopping: Union[bool, str] = False
+    min_length: int = 0
+    forced_bos_token_id: Optional[int] = None
+    forced_eos_token_id: Optional[int] = None
+    suppress_tokens: tuple = ()
+    begin_suppress_tokens: tuple = ()
+    forced_decoder_ids: tuple = ()  # ((position, token), ...)
+
+    @property
+    def begin_index(self) -> int:
+        """The output index where `begin_suppress_tokens` are suppressed: the first after the forced prefix."""
+        index = 1 if self.forced_bos_token_id is None else 2
+        if self.forced_decoder_ids:
+            index += self.forced_decoder_ids[-1][0]
+        return index
+
+
+def generate(
+    module,
+    params,
+    inputs: dict,
+    *,
+    max_length: int,
+    num_beams: int = 1,
+    decoder_start_token_id: int,
+    eos_token_id: Optional[int],
+    pad_token_id: Optional[int] = None,
+    length_penalty: float = 1.0,
+    early_stopping: Union[bool, str] = False,
+    forced_decoder_ids: Optional[Sequence[Sequence[int]]] = None,
+    suppress_tokens: Optional[Sequence[int]] = None,
+    begin_suppress_tokens: Optional[Sequence[int]] = None,
+    min_length: int = 0,
+    forced_bos_token_id: Optional[int] = None,
+    forced_eos_token_id: Optional[int] = None,
+) -> jax.Array:
+    """Generate token ids with an encoder-decoder `module` (see the module docstring).
+
+    inputs: the encoder's keyword inputs, e.g. {"input_ids", "attention_mask"} [batch, source_length]
+    for T5 or {"input_features"} for Whisper.
+    max_length: length of the returned sequences, decoder start token included.
+    num_beams: 1 for greedy search, more for beam search (length_penalty divides a finished
+    hypothesis' log-probability by its length ** length_penalty; early_stopping True, False or
+    "never" as in Transformers).
+    forced_decoder_ids: (position, token) pairs; position p forces the token at index p of the
+    output (Whisper's e.g. [(1, no_timestamps_id)]). suppress_tokens are never generated;
+    begin_suppress_tokens not at the first position after the forced ones.
+    pad_token_id defaults to eos_token_id.
+
+    Returns int32 [batch, max_length]: decoder_start_token_id, the generated tokens, and
+    pad_token_id after the end-of-sequence token.
+    """
+    if isinstance(eos_token_id, (list, tuple)):
+        if len(eos_token_id) != 1:
+            raise ValueError(f"one eos_token_id is supported, got {eos_token_id}")
+        eos_token_id = eos_token_id[0]
+    if pad_token_id is None:
+        pad_token_id = eos_token_id
+    if pad_token_id is None:
+        raise ValueError("generation needs a pad_token_id (or an eos_token_id to pad with)")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be at least 1, got {num_beams}")
+    options = GenerationOptions(
+        max_length=int(max_length),
+        num_beams=int(num_beams),
+        decoder_start_token_id=int(decoder_start_token_id),
+        eos_token_id=None if eos_token_id is None else int(eos_token_id),
+        pad_token_id=int(pad_token_id),
+        length_penalty=float(length_penalty),
+        early_stopping=early_stopping,
+        min_length=int(min_length or 0),
+        forced_bos_token_id=None if forced_bos_token_id is None else int(forced_bos_token_id),
+        forced_eos_token_id=None if forced_eos_token_id is None else int(forced_eos_token_id),
+        suppress_tokens=tuple(int(t) for t in suppress_tokens or ()),
+        begin_suppress_tokens=tuple(int(t) for t in begin_suppress_tokens or ()),
+        forced_decoder_ids=tuple((int(p), None if t is None else int(t)) for p, t in forced_decoder_ids or ()),
+    )
+    return _compiled(module, options)(params, dict(inputs))
+
+
+# GenerationConfig fields that are `generate` keyword arguments of the same name.
+GENERATE_ARGUMENTS = (
+    "max_length",
+    "num_beams",
+    "decoder_start_token_id",
+    "eos_token_id",
+    "pad_token_id",
+    "length_penalty",
+    "early_stopping",
+    "forced_decoder_ids",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "min_length",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+)
+
+
+def generation_kwargs(generation_config, **overrides) -> dict:
+    """`generate` keyword arguments from a Transformers GenerationConfig, as Transformers' Flax `generate` reads it.
+
+    overrides replace the config's values (e.g. max_length, num_beams; None ones are ignored); for
+    Whisper they may also be `language` ("german", "de" or "<|de|>"), `task` ("transcribe" or "translate") and
+    `return_timestamps`. A multilingual Whisper config (is_multilingual) gets the forced prefix of
+    Transformers' Flax Whisper: position 1 the language token (None, i.e. detected, without a
+    language), 2 the task token, 3 the no-timestamps token. Other configs keep their
+    forced_decoder_ids (Whisper English-only: e.g. [[1, no_timestamps_id]]).
+    A config's max_new_tokens gives max_length = max_new_tokens + 1 unless max_length is overridden.
+
+    Raises ValueError for what `generate` does not do: sampling, n-gram blocking, timestamps,
+    several sequences per input, and a language or task for a model that is not multilingual.
+    """
+
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+
+    def setting(name):
+        return overrides.pop(name) if name in overrides else getattr(generation_config, name, None)
+
+    language, task, return_timestamps = setting("language"), setting("task"), setting("return_timestamps")
+    max_new_tokens = setting("max_new_tokens")
+    unsupported = {
+        "do_sample": bool(setting("do_sample")),
+        "no_repeat_ngram_size": (setting("no_repeat_ngram_size") or 0) > 0,
+        "num_return_sequences": (setting("num_return_sequences") or 1) > 1,
+        "return_timestamps": bool(return_timestamps),
+    }
+    requested = [name for name, value in unsupported.items() if value]
+    if requested:
+        raise ValueError(f"generation does not support {', '.join(requested)} (greedy and beam search, no timestamps)")
+
+    kwargs = {name: getattr(generation_config, name, None) for name in GENERATE_ARGUMENTS}
+    if max_new_tokens is not None:
+        kwargs["max_length"] = max_new_tokens + 1  # the decoder start token comes first
+    if getattr(generation_config, "is_multilingual", False):
+        language_id = None
+        if language is not None:
+            language_id = _token_id(generation_config.lang_to_id, _whisper_language_token(language))
+        kwargs["forced_decoder_ids"] = [
+            (1, language_id),
+            (2, _token_id(generation_config.task_to_id, task or "transcribe")),
+            (3, generation_config.no_timestamps_token_id),
+        ]
+    elif language is not None or task is not None:
+        raise ValueError("language and task need a multilingual Whisper generation config (is_multilingual)")
+    kwargs.update(overrides)
+    return {name: value for name, value in kwargs.items() if value is not None}
+
+
+def _token_id(token_ids: dict, name: str) -> int:
+    if name not in token_ids:
+        raise ValueError(f"{name!r} is not one of this Whisper model's {sorted(token_ids)}")
+    return token_ids[name]
+
+
+def _whisper_language_token(language: str) -> str:
+    """"german", "de" or "<|de|>" -> "<|de|>"."""
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    name = language.lower().strip()
+    if name.startswith("<|") and name.endswith("|>"):
+        return name
+    code = TO_LANGUAGE_CODE.get(name, name)
+    if code not in LANGUAGES:
+        raise ValueError(f"unknown Whisper language {language!r}")
+    return f"<|{code}|>"
+
+
+# Compiled generation functions, by module identity and options. A module holds a Transformers
+# config (unhashable), so entries keep the module itself alive and are matched with `is`.
+_CACHE: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+_CACHE_SIZE = 16
+_CACHE_LOCK = threading.Lock()
+
+
+def _compiled(module, options: GenerationOptions):
+    """The jitted search (params, inputs) -> sequences for `module` and `options`, built on first use."""
+    key = (id(module), options)
+    with _CACHE_LOCK:
+        entry = _CACHE.get(key)
+        if entry is not None and entry[0] is module:
+            _CACHE.move_to_end(key)
+            return entry[1]
+        search = _greedy_search if options.num_beams == 1 else _beam_search
+        function = jax.jit(lambda params, inputs: search(module, params, inputs, options))
+        _CACHE[key] = (module, function)
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+        return function
+
+
+def _start(module, params, inputs, options: GenerationOptions, copies: int):
+    """Encode once, repeat each input `copies` times (beams), build the decoding state.
+
+    Returns (step: (token_ids [batch * copies], state) -> (logits [batch * copies, vocab], state),
+    the initial state, batch).
+    """
+    variables = {"params": params}
+    encoder_hidden_states = module.apply(variables, **inputs, method=module.encode)
+    batch = encoder_hidden_states.shape[0]
+    encoder_attention_mask = inputs.get("attention_mask")
+    if copies > 1:
+        encoder_hidden_states = jnp.repeat(encoder_hidden_states, copies, axis=0)
+        if encoder_attention_mask is not None:
+            encoder_attention_mask = jnp.repeat(encoder_attention_mask, copies, axis=0)
+    state = module.apply(
+        variables,
+        encoder_hidden_states,
+        encoder_attention_mask,
+        max_length=options.max_length,
+        method=module.init_decoding_state,
+    )
+
+    def step(token_ids, state):
+        return module.apply(variables, token_ids, state, method=module.decode_step)
+
+    return step, state, batch
+
+
+def _process_scores(scores, cur_len, options: GenerationOptions):
+    """Transformers' logits processors, in its order, for the token at index `cur_len`.
+
+    scores [n, vocab] float32 (logits for greedy search, log-probabilities for beam search).
+    """
+    minus_inf = -jnp.inf
+
+    def only(token):
+        """Scores that allow nothing but `token` (0 for it, -inf elsewhere)."""
+        return jnp.full_like(scores, minus_inf).at[:, token].set(0.0)
+
+    if options.eos_token_id is not None and options.min_length > 0:
+        # Transformers' Flax processor also bans EOS at cur_len == min_length.
+        scores = jnp.where(cur_len <= options.min_length, scores.at[:, options.eos_token_id].set(minus_inf), scores)
+    if options.forced_bos_token_id is not None:
+        scores = jnp.where(cur_len == 1, only(options.forced_bos_token_id), scores)
+    if options.forced_eos_token_id is not None:
+        scores = jnp.where(cur_len == options.max_length - 1, only(options.forced_eos_token_id), scores)
+    if options.suppress_tokens:
+        scores = scores.at[:, list(options.suppress_tokens)].set(minus_inf)
+    if options.begin_suppress_tokens:
+        suppressed = scores.at[:, list(options.begin_suppress_tokens)].set(minus_inf)
+        scores = jnp.where(cur_len == options.begin_index, suppressed, scores)
+    forced = {position: token for position, token in options.forced_decoder_ids}
+    for position, token in forced.items():
+        if token is not None and token >= 0:
+            scores = jnp.where(cur_len == position, only(token), scores)
+    return scores
+
+
+def _greedy_search(module, params, inputs, options: GenerationOptions):
+    """Most likely next token at each step; finished sequences continue with padding."""
+    step, state, batch = _start(module, params, inputs, options, copies=1)
+    sequences = jnp.full((batch, options.max_length), options.pad_token_id, jnp.int32)
+    sequences = sequences.at[:, 0].set(options.decoder_start_token_id)
+    finished = jnp.zeros((batch,), bool)
+
+    def not_done(carry):
+        cur_len, _, finished, _ = carry
+        return (cur_len < options.max_length) & ~jnp.all(finished)
+
+    def advance(carry):
+        cur_len, sequences, finished, state = carry
+        last_tokens = jax.lax.dynamic_index_in_dim(sequences, cur_len - 1, axis=1, keepdims=False)
+        logits, state = step(last_tokens, state)
+        scores = _process_scores(logits.astype(jnp.float32), cur_len, options)
+        next_tokens = jnp.argmax(scores, axis=-1).astype(jnp.int32)
+        next_tokens = jnp.where(finished, options.pad_token_id, next_tokens)
+        if options.eos_token_id is not None:
+            finished = finished | (next_tokens == options.eos_token_id)
+        sequences = jax.lax.dynamic_update_slice(sequences, next_tokens[:, None], (0, cur_len))
+        return cur_len + 1, sequences, finished, state
+
+    carry = (jnp.array(1, jnp.int32), sequences, finished, state)
+    _, sequences, _, _ = jax.lax.while_loop(not_done, advance, carry)
+    return sequences
+
+
+def _gather_beams(tree, beam_indices):
+    """Select along axis 1 of every [batch, beams, ...] array: beam_indices [batch, k] -> arrays [batch, k, ...]."""
+
+    def gather(array):
+        index = beam_indices.reshape(beam_indices.shape + (1,) * (array.ndim - 2))
+        return jnp.take_along_axis(array, index, axis=1)
+
+    return jax.tree_util.tree_map(gather, tree)
+
+
+def _beam_search(module, params, inputs, options: GenerationOptions):
+    """Beam search as Transformers' Flax beam search (itself after Flax's WMT example).
+
+    Keeps `num_beams` running hypotheses and `num_beams` finished ones per input. Each step takes
+    the 2 * num_beams best continuations of the running hypotheses; those ending in EOS compete
+    (length-penalised) for the finished set, the others for the running set.
+    """
+    num_beams, max_length = options.num_beams, options.max_length
+    step, state, batch = _start(module, params, inputs, options, copies=num_beams)
+    eos = -1 if options.eos_token_id is None else options.eos_token_id
+    length_penalty, early_stopping = options.length_penalty, options.early_stopping
+    prompt_length = 1  # the decoder start token
+
+    def fold(array):  # [batch, beams, ...] -> [batch * beams, ...]
+        return array.reshape((-1,) + array.shape[2:])
+
+    def unfold(array):  # [batch * beams, ...] -> [batch, beams, ...]
+        return array.reshape((batch, -1) + array.shape[1:])
+
+    sequences = jnp.full((batch, num_beams, max_length), options.pad_token_id, jnp.int32)
+    running_sequences = sequences.at[:, :, 0].set(options.decoder_start_token_id)
+    # Only the first beam is live at the start, so the first step does not pick the same token k times.
+    running_scores = jnp.tile(jnp.array([0.0] + [NEVER] * (num_beams - 1), jnp.float32), (batch, 1))
+    finished_scores = jnp.full((batch, num_beams), NEVER, jnp.float32)
+    finished = jnp.zeros((batch, num_beams), bool)
+    carry = (jnp.array(1, jnp.int32), running_sequences, running_scores, sequences, finished_scores, finished, state)
+
+    def not_done(carry):
+        cur_len, _, running_scores, _, finished_scores, finished, _ = carry
+        # The best running hypothesis, length-penalised as if it ended now (Transformers' heuristic),
+        # or at max_length where it may still grow and a longer one scores better.
+        if early_stopping == "never" and length_penalty > 0.0:
+            generated = max_length - prompt_length
+        else:
+            # At least 1: before the first step the best running score, 0, is not divided by 0.
+            generated = jnp.maximum(cur_len - prompt_length, 1)
+        best_running = running_scores[:, :1] / (generated**length_penalty)
+        worst_finished = jnp.where(finished, jnp.min(finished_scores, axis=1, keepdims=True), NEVER)
+        can_improve = jnp.any(best_running > worst_finished)
+        all_done = jnp.all(finished) & (early_stopping is True)
+        return (cur_len < max_length) & ~all_done & can_improve
+
+    def advance(carry):
+        cur_len, running_sequences, running_scores, sequences, finished_scores, finished, state = carry
+        last_tokens = fold(jax.lax.dynamic_index_in_dim(running_sequences, cur_len - 1, axis=2, keepdims=False))
+        logits, state = step(last_tokens, state)
+        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        log_probs = unfold(_process_scores(log_probs, cur_len, options))
+        vocab = log_probs.shape[-1]
+        candidate_scores = (log_probs + running_scores[:, :, None]).reshape(batch, num_beams * vocab)
+
+        # The 2k best continuations: even if k of them end here, k others remain to run on.
+        top_scores, top_indices = jax.lax.top_k(candidate_scores, 2 * num_beams)
+        source_beams = top_indices // vocab
+        top_tokens = (top_indices % vocab).astype(jnp.int32)
+        top_sequences = _gather_beams(running_sequences, source_beams)
+        top_sequences = jax.lax.dynamic_update_slice(top_sequences, top_tokens[:, :, None], (0, 0, cur_len))
+        just_finished = top_tokens == eos
+
+        # Running set: the k best continuations that did not end.
+        alive_scores = top_scores + jnp.where(just_finished, NEVER, 0.0)
+        keep = jax.lax.top_k(alive_scores, num_beams)[1]
+        running_sequences, running_scores = _gather_beams((top_sequences, alive_scores), keep)
+
+        # Finished set: the k best among the finished so far and the continuations that ended here.
+        ended_scores = top_scores / ((cur_len + 1 - prompt_length) ** length_penalty)
+        batch_full = jnp.all(finished, axis=-1, keepdims=True) & (early_stopping is True)
+        ended_scores = ended_scores + jnp.where(~just_finished | batch_full, NEVER, 0.0)
+        merged = (
+            jnp.concatenate([sequences, top_sequences], axis=1),
+            jnp.concatenate([finished_scores, ended_scores], axis=1),
+            jnp.concatenate([finished, just_finished], axis=1),
+        )
+        best = jax.lax.top_k(merged[1], num_beams)[1]
+        sequences, finished_scores, finished = _gather_beams(merged, best)
+
+        # The key/value cache follows its hypotheses.
+        cache_sources = jnp.take_along_axis(source_beams, keep, axis=1)
+        cache = jax.tree_util.tree_map(lambda array: fold(_gather_beams(unfold(array), cache_sources)), state["cache"])
+        state = {**state, "cache": cache}
+        return cur_len + 1, running_sequences, running_scores, sequences, finished_scores, finished, state
+
+    carry = jax.lax.while_loop(not_done, advance, carry)
+    _, running_sequences, _, sequences, _, finished, _ = carry
+    # An input without any finished hypothesis returns its best running one.
+    any_finished = jnp.any(finished, axis=1)
+    best = jnp.where(any_finished[:, None], sequences[:, 0], running_sequences[:, 0])
+    return best
