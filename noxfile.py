@@ -234,7 +234,8 @@ def torch(session: nox.Session) -> None:
 def minimums(session: nox.Session) -> None:
     """Fast tests with the lowest declared version of every direct dependency (uv lowest-direct)."""
     session.install("--resolution", "lowest-direct", "-e", ".[all]", "--group", "test")
-    run_pytest(session, "cpu", KINDS["tests"][0])
+    # Parity with Transformers' Flax classes is the tf440 cell's job (nearly the same versions).
+    run_pytest(session, "cpu", KINDS["tests"][0] + " and not parity")
 
 
 @nox.session(python=DEMO_CELL.python)

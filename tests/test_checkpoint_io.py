@@ -28,6 +28,9 @@ from flax_finetune.modeling.checkpoint_io import (
     write_safetensors,
 )
 
+# Most XLA optimisations off: the programs here are tiny and run once each.
+pytestmark = pytest.mark.usefixtures("parity_settings")
+
 # ---------------------------------------------------------------------------------------------
 # Parity with Transformers' classes, on tiny random configs
 # ---------------------------------------------------------------------------------------------
