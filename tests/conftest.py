@@ -44,6 +44,21 @@ def parity_settings():
     jax.config.update("jax_disable_most_optimizations", optimizations_were_disabled)
 
 
+@pytest.fixture
+def package_log(caplog):
+    """caplog for this package's loggers, which do not propagate to the root logger (where pytest
+    listens): its handler goes on the package logger itself, at INFO."""
+    import logging
+
+    logger = logging.getLogger("flax_finetune")
+    level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+
+
 def skip_where_the_reference_is_broken(flax_class_name: str) -> None:
     """Skip a parity case whose Transformers class cannot run with this jax: Transformers 4.40's
     FlaxDistilBertForQuestionAnswering calls `Array.split`, which jax 0.4.26 does not have."""

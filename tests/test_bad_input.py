@@ -172,14 +172,11 @@ def test_user_files_survive_overwrite_output_dir(output_dir):
     assert "eval_accuracy" in (output_dir / "eval_results.json").read_text()
 
 
-def test_too_long_sequences_and_tiny_datasets_run_with_warnings(output_dir, caplog, monkeypatch):
+def test_too_long_sequences_and_tiny_datasets_run_with_warnings(output_dir, package_log):
     """--max_seq_length above the model's limit is capped; 3 examples still make one (padded) batch."""
-    import logging
-
-    monkeypatch.setattr(logging.getLogger("flax_finetune"), "propagate", True)
     load_script(GLUE).main(glue_args(output_dir, DATA / "paraphrase" / "train.csv", None, "--max_train_samples", "3",
                                      "--per_device_train_batch_size", "8", "--num_train_epochs", "1",
                                      "--max_seq_length", "1000"))
-    assert "--max_seq_length 1000 exceeds the model's maximum 256: using 256" in caplog.text
-    assert "the train split has 3 examples, fewer than one global batch of 8" in caplog.text
+    assert "--max_seq_length 1000 exceeds the model's maximum 256: using 256" in package_log.text
+    assert "the train split has 3 examples, fewer than one global batch of 8" in package_log.text
     assert json.loads((output_dir / "train_results.json").read_text())["train_steps"] == 1

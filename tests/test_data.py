@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 
 import numpy as np
 import pytest
@@ -46,12 +45,11 @@ def test_gather_masks_padding_and_keeps_shapes():
     assert batch["label"][0, 0] == 4 and batch["label"][0, 2] == 0
 
 
-def test_dataset_smaller_than_a_batch_is_one_padded_batch(caplog, monkeypatch):
-    monkeypatch.setattr(logging.getLogger("flax_finetune"), "propagate", True)  # let caplog see it
+def test_dataset_smaller_than_a_batch_is_one_padded_batch(package_log):
     plan = data.BatchPlan(num_examples=3, micro_batch_size=8)
     assert plan.num_batches == 1
     data.warn_if_smaller_than_batch(3, 8, "train")
-    assert "fewer than one global batch" in caplog.text
+    assert "fewer than one global batch" in package_log.text
 
 
 def write(path, text, encoding="utf-8"):

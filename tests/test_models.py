@@ -25,12 +25,11 @@ def test_an_unsupported_architecture_lists_the_supported_ones():
         models.from_config(config, "question-answering")
 
 
-def test_a_new_head_is_initialised_and_the_checkpoint_body_kept(tmp_path, caplog):
+def test_a_new_head_is_initialised_and_the_checkpoint_body_kept(tmp_path, package_log):
     """tiny-bert holds a masked-LM checkpoint: a 3-class classifier keeps its encoder and gets a new head."""
     config = models.load_config(str(MODELS / "tiny-bert"), num_labels=3)
-    with caplog.at_level("INFO", logger="flax_finetune.models"):
-        model = models.load(str(MODELS / "tiny-bert"), "sequence-classification", config=config, seed=3)
-    assert "newly initialised (not in the checkpoint): bert/pooler" in caplog.text
+    model = models.load(str(MODELS / "tiny-bert"), "sequence-classification", config=config, seed=3)
+    assert "newly initialised (not in the checkpoint): bert/pooler" in package_log.text
     assert model.params["classifier"]["kernel"].shape == (config.hidden_size, 3)
     masked_lm = models.load(str(MODELS / "tiny-bert"), "masked-lm")
     np.testing.assert_array_equal(model.params["bert"]["encoder"]["layer"]["0"]["output"]["dense"]["kernel"],
