@@ -53,9 +53,10 @@ def batch_for(task: str, config) -> dict[str, np.ndarray]:
 
 
 def logits_of(output) -> list[np.ndarray]:
+    """The logits of a Flax or PyTorch output as numpy arrays (start and end logits for question answering)."""
     names = ("start_logits", "end_logits") if getattr(output, "start_logits", None) is not None else ("logits",)
-    return [np.asarray(getattr(output, name).detach().numpy() if hasattr(getattr(output, name), "detach")
-                       else getattr(output, name)) for name in names]
+    arrays = [getattr(output, name) for name in names]
+    return [np.asarray(array.detach().numpy() if hasattr(array, "detach") else array) for array in arrays]
 
 
 def assert_same_logits(model, params, folder, task, auto_class):

@@ -139,7 +139,7 @@ def example_inputs(config: Any, task: str) -> dict:
     return {"input_ids": tokens}
 
 
-def _init_function(module: Any, config: Any, task: str):
+def init_function(module: Any, config: Any, task: str):
     """seed key -> a freshly initialised params tree, jitted (one compilation instead of op by op)."""
     import jax
 
@@ -199,7 +199,7 @@ def load(
     folder = _local_folder(name_or_path, hub)
     config = config if config is not None else load_config(str(folder))
     module = module_class(config, task)(config=config, dtype=_jnp_dtype(dtype))
-    init = _init_function(module, config, task)
+    init = init_function(module, config, task)
     shapes = jax.eval_shape(init, jax.random.PRNGKey(seed))
     try:
         params, missing, unexpected = checkpoint_io.read_params(
@@ -236,7 +236,7 @@ def from_config(config: Any, task: str, *, dtype: str = "float32", seed: int = 0
     import jax
 
     module = module_class(config, task)(config=config, dtype=_jnp_dtype(dtype))
-    params = jax.device_get(_init_function(module, config, task)(jax.random.PRNGKey(seed)))
+    params = jax.device_get(init_function(module, config, task)(jax.random.PRNGKey(seed)))
     return Model(module, params, config, _generation_config(None, config))
 
 
