@@ -1,6 +1,7 @@
 """Training-step benchmark: how fast the example scripts' training step runs on this machine.
 
-    python benchmarks/bench.py [--quick] [--output DIR] [--dtype float32 bfloat16] [--only bert,gpt2,t5]
+    python benchmarks/bench.py [--quick] [--output DIR] [--dtype float32 bfloat16]
+                               [--reference-dtype float32] [--only bert,gpt2,t5]
 
 Every measurement runs in a process of its own, so each has its own start-up
 cost and its own peak memory, and no process holds the accelerator while
@@ -22,9 +23,13 @@ another one runs:
 
 Models are random-initialised and data is synthetic (full-length rows of
 random token ids): nothing is downloaded. The first step (compiled ahead of
-time, so compilation is timed apart) is the warm-up; then steps are timed
-until `TIMED_SECONDS` have passed (at least `MIN_TIMED_STEPS`, at most
-`MAX_TIMED_STEPS`). `--quick` uses tiny configs, for the test.
+time, so compilation is timed apart) is the warm-up; its duration sets how
+many steps are timed: enough to fill `TIMED_SECONDS` (at least
+`MIN_TIMED_STEPS`, at most `MAX_TIMED_STEPS`), so a 20-second CPU step is
+timed once and a 50-millisecond GPU step 20 times. The reference runs in
+float32 only unless `--reference-dtype` asks for more; the bfloat16 question
+is this project's bfloat16 against its own float32. `--quick` uses tiny
+configs, for the test.
 
 Written to --output: bench.json (every figure, per-step times included) and
 bench.md (the tables, also printed).
@@ -36,6 +41,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import math
 import os
 import platform
 import resource
@@ -54,7 +60,7 @@ NATIVE = "flax_finetune"
 REFERENCE = "transformers"
 DTYPES = ("float32", "bfloat16", "float16")
 SEED = 42
-MIN_TIMED_STEPS = 2
+MIN_TIMED_STEPS = 1
 MAX_TIMED_STEPS = 20
 TIMED_SECONDS = 10.0
 SLOW_INPUT_FRACTION = 0.1  # a step is input-bound when building its batch took more than this share of it
@@ -110,7 +116,7 @@ CASES = {
     "gpt2": Case(
         "gpt2", "run_clm_flax", "causal-lm", "gpt2", "FlaxGPT2LMHeadModel",
         config=dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
-        shape=Shape(batch_size=4, source_length=512),
+        shape=Shape(batch_size=2, source_length=512),
         quick_config=dict(n_embd=64, n_layer=2, n_head=2, vocab_size=512, n_positions=64),
         quick_shape=Shape(batch_size=2, source_length=64),
     ),
@@ -118,7 +124,7 @@ CASES = {
         "t5", "run_summarization_flax", "seq2seq-lm", "t5", "FlaxT5ForConditionalGeneration",
         config=dict(d_model=512, num_layers=6, num_decoder_layers=6, d_ff=2048, num_heads=8, d_kv=64,
                     vocab_size=32128, decoder_start_token_id=0),
-        shape=Shape(batch_size=8, source_length=512, target_length=128),
+        shape=Shape(batch_size=4, source_length=512, target_length=128),
         quick_config=dict(d_model=64, num_layers=2, num_decoder_layers=2, d_ff=128, num_heads=2, d_kv=32,
                           vocab_size=512, decoder_start_token_id=0),
         quick_shape=Shape(batch_size=2, source_length=64, target_length=16),
@@ -353,7 +359,9 @@ def time_steps(setup: TrainingSetup, batches: Iterator[dict], spawned_at: float,
 
     step_seconds[k] runs from the end of step k - 1 to the end of step k while
     the host already builds the next batch, as in training; input_seconds[k]
-    is the host time to gather batch k and put it on the devices.
+    is the host time to gather batch k and put it on the devices. The number
+    of timed steps follows from the first step's duration (see the module
+    docstring).
     """
     import jax
 
@@ -364,15 +372,18 @@ def time_steps(setup: TrainingSetup, batches: Iterator[dict], spawned_at: float,
     compiled = setup.jitted_step.lower(setup.state, first_batch, *setup.extra_args).compile()
     compile_seconds = time.perf_counter() - started
     log(label, f"compiled in {compile_seconds:.1f} s; first step")
+    started = time.perf_counter()
     state, metrics = compiled(setup.state, first_batch, *setup.extra_args)
     jax.block_until_ready(metrics)
+    first_step_seconds = time.perf_counter() - started
     time_to_first_step = time.time() - spawned_at
-    log(label, f"first step done {time_to_first_step:.1f} s after the process started; timing steps")
+    timed_steps = min(MAX_TIMED_STEPS, max(MIN_TIMED_STEPS, math.ceil(TIMED_SECONDS / first_step_seconds)))
+    log(label, f"first step done {time_to_first_step:.1f} s after the process started; timing {timed_steps} steps")
 
-    guard = DivergenceGuard(MAX_TIMED_STEPS)
+    guard = DivergenceGuard(timed_steps)
     step_ends = [time.perf_counter()]
     input_seconds = []
-    for step in range(1, MAX_TIMED_STEPS + 1):
+    for step in range(1, timed_steps + 1):
         began = time.perf_counter()
         batch = setup.put_batch(next(batches))
         input_seconds.append(time.perf_counter() - began)
@@ -380,14 +391,13 @@ def time_steps(setup: TrainingSetup, batches: Iterator[dict], spawned_at: float,
         guard.add(step, metrics)  # waits for the previous step's loss
         if step > 1:
             step_ends.append(time.perf_counter())
-            if step >= MIN_TIMED_STEPS and step_ends[-1] - step_ends[0] >= TIMED_SECONDS:
-                break
     guard.check()
     step_ends.append(time.perf_counter())
     step_seconds = np.diff(step_ends).tolist()
     log(label, f"{len(step_seconds)} steps timed, {np.mean(step_seconds) * 1e3:.1f} ms each")
     return {
         "compile_seconds": compile_seconds,
+        "first_step_seconds": first_step_seconds,
         "time_to_first_step_seconds": time_to_first_step,
         "timed_steps": len(step_seconds),
         "timed_seconds": step_ends[-1] - step_ends[0],
@@ -569,6 +579,7 @@ def markdown_report(report: dict) -> str:
         "# Training-step benchmark",
         f"{report['created']}; {machine.get('backend', '?')} backend, {machine.get('device_count', '?')} x "
         f"{machine.get('device_kind', '?')}, {machine.get('cpu_count', '?')} CPUs; {versions}"
+        + f"; the whole benchmark took {report['elapsed_seconds'] / 60:.1f} min"
         + ("; **--quick (tiny configs)**" if report["quick"] else ""),
         "## Matmul peak (one device)",
         markdown_table(["dtype", "size", "GFLOP/s"],
@@ -609,11 +620,13 @@ def markdown_report(report: dict) -> str:
 
 def run_all(args: argparse.Namespace) -> int:
     """Run every measurement in its own process, write bench.json and bench.md, print the table."""
+    started = time.perf_counter()
     cases = [CASES[name] for name in args.only]
     quick = ["--quick"] if args.quick else []
     unavailable = reference_unavailable()
     combinations = [(case, implementation, dtype) for case in cases for dtype in args.dtype
-                    for implementation in (NATIVE, REFERENCE)]
+                    for implementation in (NATIVE, REFERENCE)
+                    if implementation == NATIVE or dtype in args.reference_dtype]
     total = 1 + sum(1 for _, implementation, _ in combinations if implementation == NATIVE or not unavailable)
     log("bench", f"1 of {total}: matmul peak")
     matmul = run_child(["--job", "matmul", "--dtype", *args.dtype, *quick])
@@ -643,6 +656,7 @@ def run_all(args: argparse.Namespace) -> int:
         "matmul_failure": matmul.get("reason"),
         "runs": runs,
         "ratios": ratios(runs),
+        "elapsed_seconds": time.perf_counter() - started,
     }
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -678,6 +692,9 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="Folder for bench.json and bench.md (default: reports/bench).")
     parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float32", "bfloat16"],
                         help="Computation dtypes to measure (weights stay float32).")
+    parser.add_argument("--reference-dtype", nargs="+", choices=DTYPES, default=["float32"],
+                        help="Dtypes (of those in --dtype) at which the Transformers reference runs too "
+                             "(default: float32).")
     parser.add_argument("--only", type=case_names, default=list(CASES),
                         help=f"Comma-separated cases to run (default: {','.join(CASES)}).")
     # one measurement in a child process (set by run_child)

@@ -23,7 +23,7 @@ def qa_command(output_dir, *extra):
         "--model_name_or_path", str(MODELS / "tiny-bert"), "--version_2_with_negative",
         "--train_file", str(SQUAD / "train.json"), "--validation_file", str(SQUAD / "validation.json"),
         "--output_dir", str(output_dir), "--overwrite_output_dir", "--num_train_epochs=3", "--warmup_steps=2",
-        "--do_train", "--do_eval", "--logging_steps", "2", "--eval_steps", "2", "--learning_rate=2e-4",
+        "--do_train", "--do_eval", "--logging_steps", "50", "--eval_steps", "150", "--learning_rate=2e-4",
         "--per_device_train_batch_size=2", "--per_device_eval_batch_size=1", "--disable_tqdm", *extra,
     ]
 

@@ -22,7 +22,7 @@ def t5_command(output_dir, *model):
         "--validation_file", str(DATA / "prose" / "validation.txt"),
         "--do_train", "--do_eval", "--max_seq_length", "128",
         "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
-        "--num_train_epochs", "2", "--logging_steps", "2", "--eval_steps", "2",
+        "--num_train_epochs", "2", "--logging_steps", "25", "--eval_steps", "50",
         "--output_dir", str(output_dir), "--overwrite_output_dir", "--disable_tqdm",
     ]
 

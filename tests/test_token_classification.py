@@ -19,7 +19,7 @@ def ner_command(output_dir, *extra):
         "--model_name_or_path", str(MODELS / "tiny-bert"),
         "--train_file", str(ENTITIES / "train.json"), "--validation_file", str(ENTITIES / "validation.json"),
         "--output_dir", str(output_dir), "--overwrite_output_dir", "--do_train", "--do_eval",
-        "--warmup_steps=2", "--learning_rate=2e-4", "--logging_steps", "2", "--eval_steps", "2",
+        "--warmup_steps=2", "--learning_rate=2e-4", "--logging_steps", "25", "--eval_steps", "75",
         "--per_device_train_batch_size=2", "--per_device_eval_batch_size=2", "--num_train_epochs=2",
         "--seed", "7", "--disable_tqdm", *extra,
     ]
