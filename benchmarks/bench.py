@@ -116,7 +116,7 @@ CASES = {
     "gpt2": Case(
         "gpt2", "run_clm_flax", "causal-lm", "gpt2", "FlaxGPT2LMHeadModel",
         config=dict(n_embd=768, n_layer=12, n_head=12, vocab_size=50257, n_positions=1024),
-        shape=Shape(batch_size=2, source_length=512),
+        shape=Shape(batch_size=1, source_length=512),
         quick_config=dict(n_embd=64, n_layer=2, n_head=2, vocab_size=512, n_positions=64),
         quick_shape=Shape(batch_size=2, source_length=64),
     ),
