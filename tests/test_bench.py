@@ -33,7 +33,8 @@ def test_quick_benchmark_reports_every_figure(tmp_path):
     # backend optimisation level halves the compile times, which are not under test here.
     environment = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"}
     completed = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--only", "bert", "--dtype", "bfloat16", "--output", str(tmp_path)],
+        [sys.executable, str(BENCH), "--quick", "--only", "bert", "--dtype", "bfloat16", "--reference-dtype", "bfloat16",
+         "--output", str(tmp_path)],
         env=environment, capture_output=True, text=True, timeout=300,
     )
     assert completed.returncode == 0, completed.stderr[-4000:]
