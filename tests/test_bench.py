@@ -79,3 +79,35 @@ def test_ratios_compare_implementations_and_dtypes(bench):
         {"case": "t5", "dtype": "float32", "compared": "flax_finetune / transformers", "ratio": 2.0},
         {"case": "t5", "implementation": "flax_finetune", "compared": "bfloat16 / float32", "ratio": 1.5},
     ]
+
+
+def test_step_profile_counts_each_operation_once_by_kind(bench, tmp_path):
+    """benchmarks/step_profile.py: a `while` holding a dot and a fusion keeps only its own time, other
+    threads and non-XLA events are apart, and HLO names map to their kinds."""
+    import gzip
+
+    sys.path.insert(0, str(BENCH.parent))
+    try:
+        import step_profile
+    finally:
+        sys.path.remove(str(BENCH.parent))
+
+    def operation(name, start, duration, thread=1):
+        return {"ph": "X", "pid": 7, "tid": thread, "ts": start, "dur": duration, "name": name,
+                "args": {"hlo_op": name, "hlo_module": "jit_step"}}
+
+    events = [
+        operation("while.3", 0, 100), operation("dot.1", 10, 50), operation("loop_add_fusion.2", 70, 20),
+        operation("copy.4", 5, 30, thread=2), {"ph": "X", "pid": 7, "tid": 1, "ts": 0, "dur": 500, "name": "python"},
+        {"ph": "M", "pid": 7, "name": "process_name", "args": {"name": "/host:CPU"}},
+    ]
+    trace = tmp_path / "perfetto_trace.json.gz"
+    with gzip.open(trace, "wt") as handle:
+        json.dump({"traceEvents": events}, handle)
+
+    own = {event["args"]["hlo_op"]: round(event["self_seconds"] * 1e6) for event in step_profile.xla_events(trace)}
+    assert own == {"while.3": 30, "dot.1": 50, "loop_add_fusion.2": 20, "copy.4": 30}
+    kinds = {name: step_profile.kind_of(name) for name in own}
+    assert kinds == {"while.3": "control flow (own time)", "dot.1": "matrix products",
+                     "loop_add_fusion.2": "elementwise fusions", "copy.4": "copies and transposes"}
+    assert step_profile.kind_of("xor_xor_fusion.9") == "random bits (dropout)"
