@@ -411,17 +411,25 @@ def time_steps(setup: TrainingSetup, batches: Iterator[dict], spawned_at: float,
     }
 
 
-def training_job(case: Case, implementation: str, dtype: str, quick: bool, spawned_at: float) -> dict:
-    """Timings, FLOP counts and memory of one (case, implementation, dtype) in this process."""
+@dataclasses.dataclass
+class PreparedRun:
+    """A case's step, ready to compile, with the synthetic batches it runs on."""
+
+    setup: TrainingSetup
+    config: Any
+    shape: Shape
+    plan: Any  # data.BatchPlan
+    batches: Iterator[dict]
+
+
+def prepare_run(case: Case, implementation: str, dtype: str, quick: bool, total_steps: int) -> PreparedRun:
+    """Model, optimizer, step and `total_steps` batches of synthetic rows for one (case, implementation, dtype)."""
     import jax
 
     from flax_finetune import data, models
 
-    label = f"{case.name} {implementation} {dtype}"
     overrides, shape = case.sizes(quick)
     config = models.new_config(case.model_type, **overrides)
-    total_steps = 1 + MAX_TIMED_STEPS
-    log(label, f"building the model and optimizer ({jax.device_count()} {jax.default_backend()} devices)")
     make_setup = native_setup if implementation == NATIVE else reference_setup
     setup = make_setup(case, config, dtype, total_steps)
     plan = data.BatchPlan(
@@ -431,12 +439,22 @@ def training_job(case: Case, implementation: str, dtype: str, quick: bool, spawn
         process_count=jax.process_count(),
     )
     rows = synthetic_rows(case, config, shape, plan.num_examples)
-    timings = time_steps(setup, data.iterate_batches(rows, plan, seed=SEED), spawned_at, label)
+    return PreparedRun(setup, config, shape, plan, data.iterate_batches(rows, plan, seed=SEED))
+
+
+def training_job(case: Case, implementation: str, dtype: str, quick: bool, spawned_at: float) -> dict:
+    """Timings, FLOP counts and memory of one (case, implementation, dtype) in this process."""
+    import jax
+
+    label = f"{case.name} {implementation} {dtype}"
+    log(label, f"building the model and optimizer ({jax.device_count()} {jax.default_backend()} devices)")
+    run = prepare_run(case, implementation, dtype, quick, total_steps=1 + MAX_TIMED_STEPS)
+    timings = time_steps(run.setup, run.batches, spawned_at, label)
     return {
-        "param_count": setup.param_count,
+        "param_count": run.setup.param_count,
         "device_count": jax.device_count(),
-        "global_batch_size": plan.global_batch_size,
-        "analytic_flops_per_step": analytic_train_flops(case, config, shape) * plan.global_batch_size,
+        "global_batch_size": run.plan.global_batch_size,
+        "analytic_flops_per_step": analytic_train_flops(case, run.config, run.shape) * run.plan.global_batch_size,
         **timings,
         **peak_memory(),
     }

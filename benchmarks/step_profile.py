@@ -75,23 +75,14 @@ def xla_events(trace_file: Path) -> list[dict]:
 
 def profile(args: argparse.Namespace) -> str:
     import jax
-    import numpy as np
-
-    from flax_finetune import data, models
 
     case = bench.CASES[args.case]
-    overrides, shape = case.sizes(args.quick)
-    config = models.new_config(case.model_type, **overrides)
-    make_setup = bench.native_setup if args.implementation == bench.NATIVE else bench.reference_setup
-    setup = make_setup(case, config, args.dtype, 3)
-    plan = data.BatchPlan(num_examples=3 * shape.batch_size * jax.device_count(),
-                          micro_batch_size=shape.batch_size * jax.device_count(),
-                          process_index=jax.process_index(), process_count=jax.process_count())
-    batches = data.iterate_batches(bench.synthetic_rows(case, config, shape, plan.num_examples), plan, seed=bench.SEED)
-    compiled = setup.jitted_step.lower(setup.state, setup.put_batch(next(batches)), *setup.extra_args).compile()
-    state, metrics = compiled(setup.state, setup.put_batch(next(batches)), *setup.extra_args)  # warm-up
+    run = bench.prepare_run(case, args.implementation, args.dtype, args.quick, total_steps=3)
+    setup, config, shape, plan = run.setup, run.config, run.shape, run.plan
+    compiled = setup.jitted_step.lower(setup.state, setup.put_batch(next(run.batches)), *setup.extra_args).compile()
+    state, metrics = compiled(setup.state, setup.put_batch(next(run.batches)), *setup.extra_args)  # warm-up
     jax.block_until_ready(metrics)
-    batch = setup.put_batch(next(batches))
+    batch = setup.put_batch(next(run.batches))
     trace_dir = args.output / f"trace-{args.case}-{args.implementation}-{args.dtype}"
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         started = time.perf_counter()
