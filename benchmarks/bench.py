@@ -710,9 +710,9 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="Folder for bench.json and bench.md (default: reports/bench).")
     parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float32", "bfloat16"],
                         help="Computation dtypes to measure (weights stay float32).")
-    parser.add_argument("--reference-dtype", nargs="+", choices=DTYPES, default=["float32"],
+    parser.add_argument("--reference-dtype", nargs="+", choices=DTYPES,
                         help="Dtypes (of those in --dtype) at which the Transformers reference runs too "
-                             "(default: float32).")
+                             "(default: float32, when measured).")
     parser.add_argument("--only", type=case_names, default=list(CASES),
                         help=f"Comma-separated cases to run (default: {','.join(CASES)}).")
     # one measurement in a child process (set by run_child)
@@ -721,7 +721,13 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--implementation", choices=(NATIVE, REFERENCE), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.reference_dtype is None:
+        args.reference_dtype = [dtype for dtype in ("float32",) if dtype in args.dtype]
+    unmeasured = [dtype for dtype in args.reference_dtype if dtype not in args.dtype]
+    if unmeasured:
+        parser.error(f"--reference-dtype {' '.join(unmeasured)}: not in --dtype {' '.join(args.dtype)}")
+    return args
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -111,3 +111,11 @@ def test_step_profile_counts_each_operation_once_by_kind(bench, tmp_path):
     assert kinds == {"while.3": "control flow (own time)", "dot.1": "matrix products",
                      "loop_add_fusion.2": "elementwise fusions", "copy.4": "copies and transposes"}
     assert step_profile.kind_of("xor_xor_fusion.9") == "random bits (dropout)"
+
+
+def test_a_reference_dtype_outside_the_measured_ones_is_refused(bench, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_arguments(["--dtype", "bfloat16", "--reference-dtype", "float32"])
+    assert "--reference-dtype float32: not in --dtype bfloat16" in capsys.readouterr().err
+    assert bench.parse_arguments(["--dtype", "float32", "bfloat16"]).reference_dtype == ["float32"]
+    assert bench.parse_arguments(["--dtype", "bfloat16"]).reference_dtype == []
