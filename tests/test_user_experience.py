@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -15,7 +16,7 @@ import pytest
 
 from conftest import DATA, EXAMPLES, MODELS, load_script, read_log, read_results
 from flax_finetune.errors import InputError
-from hub_stand_in import HubStandIn
+from hub_stand_in import LFS_THRESHOLD, HubStandIn
 
 GLUE = "text-classification/run_flax_glue.py"
 SCRIPTS = sorted(str(path.relative_to(EXAMPLES)) for path in EXAMPLES.glob("*/*.py"))
@@ -97,7 +98,7 @@ def test_push_to_hub_uploads_the_model_at_each_save_and_at_the_end(tmp_path):
         output = tmp_path / "tiny-paraphrase"
         result = subprocess.run(
             [sys.executable, str(EXAMPLES / GLUE), *glue_args(output, "--push_to_hub", "--hub_model_id",
-                                                               "tester/tiny-paraphrase", "--hub_token", "secret",
+                                                               "tester/tiny-paraphrase", "--hub_token", hub.token,
                                                                "--save_steps", "12")],
             capture_output=True, text=True, timeout=600,
             env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"},
@@ -125,6 +126,50 @@ def test_an_unreachable_hub_stops_the_script_before_training(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --push_to_hub: cannot create or reach tester/x")
     assert not output.exists()
+
+
+def test_a_token_the_hub_refuses_stops_the_script_before_training(tmp_path):
+    output = tmp_path / "out"
+    with HubStandIn() as hub:
+        result = subprocess.run(
+            [sys.executable, str(EXAMPLES / GLUE), *glue_args(output, "--push_to_hub", "--hub_model_id", "tester/x",
+                                                               "--hub_token", "hf_not_the_token")],
+            capture_output=True, text=True, timeout=300,
+            env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"},
+        )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "hf_not_the_token" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert [line for line in lines if line.startswith("error:")] == lines[-1:] == [
+        f"error: --push_to_hub: {hub.url} answered 401 Unauthorized: the token is missing or not valid; "
+        "give a write token with --hub_token or HF_TOKEN"]
+    assert hub.requests and hub.refused == hub.requests  # the hub was asked, and nothing got past the token check
+    assert not output.exists()  # no training step, log, checkpoint or model was written
+
+
+def test_a_file_over_the_lfs_threshold_is_pushed_through_lfs(tmp_path):
+    folder = tmp_path / "large-model"
+    folder.mkdir()
+    weights = np.random.default_rng(0).bytes(LFS_THRESHOLD + 1)
+    (folder / "model.safetensors").write_bytes(weights)
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    push = ("import sys; from flax_finetune.hub import Hub; "
+            "hub = Hub(sys.argv[1], 'tester/large-model', sys.argv[2]); hub.connect(); hub.push('End of training')")
+    with HubStandIn() as hub:
+        result = subprocess.run(
+            [sys.executable, "-c", push, str(folder), hub.token], capture_output=True, text=True, timeout=120,
+            env={**os.environ, "HF_ENDPOINT": hub.url, "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1"},
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert hub.unknown == [] and hub.refused == []
+    oid = hashlib.sha256(weights).hexdigest()
+    assert hub.lfs_files == {"tester/large-model": {"model.safetensors": (oid, len(weights))}}  # an LFS pointer
+    assert list(hub.lfs_objects) == [oid] and hub.lfs_objects[oid] == weights  # the bytes came by the LFS upload
+    assert {"POST /tester/large-model.git/info/lfs/objects/batch", f"PUT /lfs-upload/{oid}",
+            f"POST /lfs-verify/{oid}"} <= set(hub.requests)
+    assert hub.repos["tester/large-model"] == {"model.safetensors": weights,
+                                               "config.json": b'{"model_type": "bert"}'}  # the small file: inline
+    assert hub.commits == [("tester/large-model", "End of training")]
 
 
 def test_without_a_terminal_progress_is_log_lines_not_bars(tmp_path):

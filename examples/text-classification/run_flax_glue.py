@@ -113,10 +113,6 @@ def main(argv=None):
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=(".csv", ".json", ".jsonl"))
 
-    import jax.numpy as jnp
-
-    from flax_finetune import losses
-
     reference = next(iter(splits.values()))
     columns = text_columns(reference.column_names, data_args)
     for split, dataset in splits.items():
@@ -157,6 +153,11 @@ def main(argv=None):
     pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": tokenizer.pad_token_type_id}
     length = max_length if data_args.pad_to_max_length else None
     rows = {split: run.tokenize(dataset, tokenize, pad_values, length, data_args) for split, dataset in splits.items()}
+
+    import jax.numpy as jnp
+
+    from flax_finetune import losses
+
     model = run.model(model_args, "sequence-classification", config)
 
     def losses_and_logits(params, batch, weights, **kwargs):
@@ -184,7 +185,7 @@ def main(argv=None):
                 "loss": float(np.mean(outputs["loss"])),
                 "pearson": metrics.pearson(predictions, references),
                 "spearmanr": metrics.spearman(predictions, references),
-                "mse": float(np.mean((predictions - references) ** 2)),
+                "mse": metrics.mean_squared_error(predictions, references),
             }
         scores = {"loss": float(np.mean(outputs["loss"])), "accuracy": metrics.accuracy(predictions, references)}
         if len(labels) == 2:

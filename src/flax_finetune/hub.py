@@ -30,6 +30,11 @@ class Hub:
             url = huggingface_hub.create_repo(self.repo_id, token=self.token, exist_ok=True)
         except Exception as error:  # network, HTTP and auth errors all mean: nothing can be pushed
             endpoint = huggingface_hub.constants.ENDPOINT
+            if getattr(getattr(error, "response", None), "status_code", None) == 401:
+                raise InputError(
+                    f"--push_to_hub: {endpoint} answered 401 Unauthorized: the token is missing or not valid; "
+                    "give a write token with --hub_token or HF_TOKEN"
+                ) from None
             raise InputError(
                 f"--push_to_hub: cannot create or reach {self.repo_id} on {endpoint} "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
