@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import DATA, EXAMPLES, MODELS, load_script, snapshot
+from conftest import DATA, EXAMPLES, MODELS, load_script
 from flax_finetune.errors import InputError
 
 GLUE = "text-classification/run_flax_glue.py"
@@ -34,11 +36,18 @@ def clm_args(output_dir, train, *extra):
 
 @pytest.fixture
 def output_dir(tmp_path):
-    """An output directory holding a file of the user's."""
+    """An output directory holding a file and an empty folder of the user's."""
     folder = tmp_path / "out"
-    folder.mkdir()
+    (folder / "notes").mkdir(parents=True)
     (folder / "keep.txt").write_text("the user's own file")
     return folder
+
+
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every file under `folder` with its bytes, and every folder (None), empty ones included:
+    a failed run must neither change a file nor add or remove a folder."""
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None
+            for path in sorted(folder.rglob("*"))}
 
 
 def write(path, text):
@@ -65,6 +74,16 @@ def squad_with_wrong_start(folder):
 def speech_with_broken_clip(folder):
     (folder / "broken.flac").write_bytes(b"not audio at all")
     return write(folder / "clips.csv", "file_name,transcript\nbroken.flac,hello there\n")
+
+
+def with_slow_tokenizer(args):
+    """`args` asking for the slow (Python) tokenizer; a skip where Transformers has no slow BERT
+    tokenizer (5.x gives the fast one whatever use_fast says)."""
+    from flax_finetune import models
+
+    if models.load_tokenizer(str(MODELS / "tiny-bert"), use_fast=False).is_fast:
+        pytest.skip("this Transformers has no slow BERT tokenizer")
+    return [*args, "--use_fast_tokenizer", "false"]
 
 
 CASES = {
@@ -95,6 +114,13 @@ CASES = {
     "clm: zero training steps": (
         CLM, lambda d, t: clm_args(d, DATA / "prose" / "validation.txt", "--num_train_epochs", "0"),
         "no training steps: raise --num_train_epochs or --max_steps"),
+    "clm: --resume_from_checkpoint without a checkpoint": (
+        CLM, lambda d, t: clm_args(d, DATA / "prose" / "validation.txt", "--resume_from_checkpoint", t / "run"),
+        "--resume_from_checkpoint .*run: no checkpoint found there"),
+    "clm: a tokenizer larger than the model's vocabulary": (
+        CLM, lambda d, t: clm_args(d, DATA / "prose" / "validation.txt", "--tokenizer_name", MODELS / "tiny-t5"),
+        r"the tokenizer has \d+ tokens but the model's vocabulary has 500: "
+        "use the model's own tokenizer or a config with a larger vocab_size"),
     "mlm: missing file": (MLM, lambda d, t: common(d, "tiny-roberta", t / "nope.txt"), "nope.txt: no such file"),
     "mlm: a tokenizer without a mask token": (
         MLM, lambda d, t: common(d, "tiny-roberta", DATA / "prose" / "validation.txt", "--tokenizer_name",
@@ -118,12 +144,19 @@ CASES = {
                                  write(t / "v.json", '{"tokens": ["Ada"], "ner_tags": ["B-MISC"]}\n')),
         "labels not seen in training: B-MISC"),
     "ner: missing file": (NER, lambda d, t: common(d, "tiny-bert", t / "nope.json"), "nope.json: no such file"),
+    "ner: a slow tokenizer": (
+        NER, lambda d, t: with_slow_tokenizer(common(d, "tiny-bert", DATA / "entities" / "train.json")),
+        r"token classification needs a fast tokenizer \(it maps tokens back to words\)"),
     "qa: answer_start not matching the answer": (
         QA, lambda d, t: common(d, "tiny-bert", squad_with_wrong_start(t), "--version_2_with_negative"),
         "answer 'a basket of .*' is not at answer_start"),
     "qa: v2 data without --version_2_with_negative": (
         QA, lambda d, t: common(d, "tiny-bert", DATA / "squad" / "validation.json"),
         "has no answer; SQuAD v2 data needs --version_2_with_negative"),
+    "qa: a slow tokenizer": (
+        QA, lambda d, t: with_slow_tokenizer(common(d, "tiny-bert", DATA / "squad" / "train.json",
+                                                    "--version_2_with_negative")),
+        r"question answering needs a fast tokenizer \(it maps tokens back to characters\)"),
     "speech: unreadable audio": (
         SPEECH, lambda d, t: common(d, "tiny-whisper", speech_with_broken_clip(t), "--audio_column_name", "file_name",
                                     "--text_column_name", "transcript"),
@@ -134,33 +167,65 @@ CASES = {
 }
 
 
+# One case of each script also runs as a command: a child process shows what a user sees.
+COMMAND_CASES = [
+    "glue: text that is not UTF-8",
+    "clm: a tokenizer larger than the model's vocabulary",
+    "mlm: a tokenizer without a mask token",
+    "t5: too little text for one chunk",
+    "summarization: missing summary column",
+    "ner: a slow tokenizer",
+    "qa: a slow tokenizer",
+    "speech: unreadable audio",
+]
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_leaves_the_output_directory_untouched(case, output_dir, tmp_path):
+    """main() raises one single-line InputError; nothing under tmp_path (the inputs and
+    --output_dir) changes."""
     script, make_args, message = CASES[case]
-    before = snapshot(output_dir)
+    args = make_args(output_dir, tmp_path)
+    before = tree(tmp_path)
     with pytest.raises(InputError, match=message) as error:
-        load_script(script).main(make_args(output_dir, tmp_path))
+        load_script(script).main(args)
     assert "\n" not in str(error.value)
-    assert snapshot(output_dir) == before
+    assert tree(tmp_path) == before
+
+
+def test_every_script_has_a_command_case():
+    """COMMAND_CASES runs each of the eight scripts once."""
+    assert sorted(CASES[case][0] for case in COMMAND_CASES) == sorted(
+        [GLUE, CLM, MLM, T5, SUMMARIZATION, NER, QA, SPEECH])
+
+
+@pytest.mark.spawns
+@pytest.mark.parametrize("case", COMMAND_CASES)
+def test_the_command_prints_one_error_line_and_exits_2(case, output_dir, tmp_path):
+    """`python <script> ...` exits with status 2; the last stderr line is `error: <message>` and the
+    only one mentioning an error (log lines may come before it); no traceback; nothing under
+    tmp_path changes."""
+    script, make_args, message = CASES[case]
+    args = [str(arg) for arg in make_args(output_dir, tmp_path)]
+    before = tree(tmp_path)
+    result = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if "error" in line.lower()] == lines[-1:], result.stderr
+    assert lines[-1].startswith("error: ") and re.search(message, lines[-1])
+    assert tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("script", [GLUE, CLM])
 def test_non_empty_output_dir_needs_overwrite(script, output_dir):
     args = (glue_args if script == GLUE else clm_args)(output_dir, DATA / "paraphrase" / "train.csv")
     args.remove("--overwrite_output_dir")
+    before = tree(output_dir)
     with pytest.raises(InputError, match="not empty; pass --overwrite_output_dir"):
         load_script(script).main(args)
-    assert snapshot(output_dir) == {"keep.txt": b"the user's own file"}
-
-
-def test_the_command_prints_one_line_and_exits_2(output_dir, tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / CLM), *clm_args(output_dir, tmp_path / "missing.txt")],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --train_file")
-    assert "Traceback" not in result.stderr
+    assert tree(output_dir) == before
 
 
 def test_user_files_survive_overwrite_output_dir(output_dir):
@@ -169,6 +234,7 @@ def test_user_files_survive_overwrite_output_dir(output_dir):
     load_script(GLUE).main(glue_args(output_dir, DATA / "paraphrase" / "train.csv", None, "--max_train_samples", "8",
                                      "--num_train_epochs", "1"))
     assert (output_dir / "keep.txt").read_text() == "the user's own file"
+    assert (output_dir / "notes").is_dir()
     assert "eval_accuracy" in (output_dir / "eval_results.json").read_text()
 
 

@@ -56,7 +56,7 @@ def main(argv=None):
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=scripts.TEXT_EXTENSIONS)
 
-    from flax_finetune import data, losses
+    from flax_finetune import data
 
     tokenizer = run.tokenizer(model_args)
     config = run.config(model_args, tokenizer)
@@ -70,6 +70,9 @@ def main(argv=None):
         return data.ArrayRows(concatenate_into_blocks(tokens, block_size, pad_id))
 
     rows = {split: to_blocks(dataset) for split, dataset in splits.items()}
+
+    from flax_finetune import losses
+
     model = run.model(model_args, "causal-lm", config)
 
     def token_losses(params, batch, **kwargs):

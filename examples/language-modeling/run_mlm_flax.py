@@ -105,10 +105,7 @@ def main(argv=None):
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=scripts.TEXT_EXTENSIONS)
 
-    import jax
-    import jax.numpy as jnp
-
-    from flax_finetune import data, losses
+    from flax_finetune import data
 
     tokenizer = run.tokenizer(model_args)
     if tokenizer.mask_token_id is None or tokenizer.pad_token_id is None:
@@ -136,6 +133,12 @@ def main(argv=None):
         return data.ArrayRows(rows)
 
     rows = {split: to_rows(dataset) for split, dataset in splits.items()}
+
+    import jax
+    import jax.numpy as jnp
+
+    from flax_finetune import losses
+
     model = run.model(model_args, "masked-lm", config)
     mask_one = jax.vmap(
         lambda key, *columns: mask_tokens(

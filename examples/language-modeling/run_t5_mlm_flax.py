@@ -126,9 +126,7 @@ def main(argv=None):
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=scripts.TEXT_EXTENSIONS)
 
-    import jax.numpy as jnp
-
-    from flax_finetune import data, losses
+    from flax_finetune import data
 
     tokenizer = run.tokenizer(model_args)
     if tokenizer.eos_token_id is None:
@@ -162,6 +160,11 @@ def main(argv=None):
         return {"input_ids": np.stack(inputs), "labels": labels, "decoder_input_ids": decoder_inputs.astype(np.int32)}
 
     rows = {split: data.MappedRows(to_chunks(dataset), corrupt_rows) for split, dataset in splits.items()}
+
+    import jax.numpy as jnp
+
+    from flax_finetune import losses
+
     model = run.model(model_args, "seq2seq-lm", config)
 
     def target_losses(params, batch, **kwargs):

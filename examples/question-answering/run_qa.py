@@ -156,9 +156,7 @@ def main(argv=None):
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=(".json", ".jsonl"), json_field="data")
 
-    import jax.numpy as jnp
-
-    from flax_finetune import losses, squad
+    from flax_finetune import squad
 
     splits = {split: flatten_squad(dataset) for split, dataset in splits.items()}
     for split, dataset in splits.items():
@@ -209,6 +207,11 @@ def main(argv=None):
         mapped = dataset.map(windows, batched=True, with_indices=True, remove_columns=dataset.column_names,
                              **data_args.map_options)
         rows[split] = scripts.pad_rows(mapped, pad_values, length)
+
+    import jax.numpy as jnp
+
+    from flax_finetune import losses
+
     model = run.model(model_args, "question-answering", config)
 
     def span_logits(params, batch, **kwargs):

@@ -81,9 +81,7 @@ def main(argv=None):
         hub_split_names={"train": data_args.train_split_name, "validation": data_args.eval_split_name},
     )
 
-    import jax.numpy as jnp
-
-    from flax_finetune import audio, data, losses, models, seq2seq, wer
+    from flax_finetune import audio, data, models, seq2seq, wer
 
     for split, dataset in splits.items():
         scripts.require_columns(dataset, [data_args.audio_column_name, data_args.text_column_name], data_args, split)
@@ -133,6 +131,11 @@ def main(argv=None):
         return data.ArrayRows(columns)
 
     rows = {split: prepare(split, dataset) for split, dataset in splits.items()}
+
+    import jax.numpy as jnp
+
+    from flax_finetune import losses
+
     model = run.model(model_args, "speech-seq2seq", config)
     generation = seq2seq.generation_options(model, max_label_length, seq2seq_args.num_beams)
     if data_args.language:

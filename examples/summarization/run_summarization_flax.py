@@ -64,9 +64,7 @@ def main(argv=None):
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=(".csv", ".json", ".jsonl"))
 
-    import jax.numpy as jnp
-
-    from flax_finetune import losses, rouge, seq2seq
+    from flax_finetune import rouge, seq2seq
 
     columns = next(iter(splits.values())).column_names
     text_column = pick_column(data_args.text_column, TEXT_COLUMNS, columns, 0)
@@ -100,6 +98,11 @@ def main(argv=None):
             split_rows.columns["labels"], start_id, tokenizer.pad_token_id
         )
         rows[split] = split_rows
+
+    import jax.numpy as jnp
+
+    from flax_finetune import losses
+
     model = run.model(model_args, "seq2seq-lm", config)
     generation = seq2seq.generation_options(
         model, seq2seq.target_length_limit(data_args.val_max_target_length, config), seq2seq_args.num_beams

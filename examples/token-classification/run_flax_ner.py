@@ -79,9 +79,7 @@ def main(argv=None):
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=(".json", ".jsonl", ".csv"))
 
-    import jax.numpy as jnp
-
-    from flax_finetune import entities, losses
+    from flax_finetune import entities
 
     columns = next(iter(splits.values())).column_names
     text_column = data_args.text_column_name or ("tokens" if "tokens" in columns else columns[0])
@@ -133,6 +131,11 @@ def main(argv=None):
                   "token_type_ids": tokenizer.pad_token_type_id, "labels": -100}
     length = max_length if data_args.pad_to_max_length else None
     rows = {split: run.tokenize(dataset, tokenize, pad_values, length, data_args) for split, dataset in splits.items()}
+
+    import jax.numpy as jnp
+
+    from flax_finetune import losses
+
     model = run.model(model_args, "token-classification", config)
 
     def token_losses(params, batch, weights, **kwargs):

@@ -11,7 +11,8 @@
 Between those steps a script holds only its task: preprocessing, loss,
 metric. Every check on the user's input happens before the output directory
 is created (in `Run.trainer`), so a bad input stops the script before
-anything is written.
+anything is written; scripts import jax only just before `run.model`, so it
+stops without waiting for jax either.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def setup_logging() -> None:
     logger.propagate = False  # libraries that configure the root logger would print every line twice
     for noisy in ("absl", "jax._src.xla_bridge", "datasets", "transformers.modeling_flax_utils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # datasets' file readers log each failure before raising it; data.load_splits reports it as one line
+    for reader in ("csv", "json"):
+        logging.getLogger(f"datasets.packaged_modules.{reader}.{reader}").setLevel(logging.CRITICAL)
 
 
 def token_lists(dataset: Any, tokenizer: Any, data_args: Any, add_special_tokens: bool) -> list[list[int]]:
@@ -122,11 +126,29 @@ def pad_rows(dataset: Any, pad_values: Mapping[str, int], length: Optional[int])
     return data.ArrayRows(columns)
 
 
+def check_training_plan(training_args: Any) -> None:
+    """Stop on training flags that cannot run, before any data or model is loaded.
+
+    --do_train needs at least one step: every epoch has at least one, so only
+    --num_train_epochs 0 without --max_steps gives none. Its --resume_from_checkpoint
+    must name a checkpoint (looked up here, not once the output directory exists).
+    """
+    if not training_args.do_train:
+        return
+    if training_args.max_steps <= 0 and training_args.num_train_epochs <= 0:
+        raise InputError("no training steps: raise --num_train_epochs or --max_steps")
+    if training_args.resume_from_checkpoint:
+        from flax_finetune.checkpoints import find_checkpoint
+
+        find_checkpoint(training_args.resume_from_checkpoint)
+
+
 class Run:
     """One script run: its output directory and the shared loading steps."""
 
     def __init__(self, training_args: Any, model_args: Any):
         setup_logging()
+        check_training_plan(training_args)
         self.args = training_args
         self.model_args = model_args
         is_writer = True
@@ -303,10 +325,6 @@ class Run:
         """
         import time
 
-        from flax_finetune.trainer import training_steps
-
-        if self.args.do_train and training_steps(self.args, len(rows["train"]))[1] <= 0:
-            raise InputError("no training steps: raise --num_train_epochs or --max_steps")
         trainer = self.trainer(loss_fn, predict_fn)
         params = model.params
         results: dict[str, float] = {}
