@@ -23,6 +23,7 @@ def build(folder):
     return snapshot(folder)
 
 
+@pytest.mark.spawns
 @pytest.mark.slow
 def test_model_builder_is_deterministic(tmp_path):
     """Two builds give the same bytes; in the environment that built the committed models
@@ -51,3 +52,36 @@ def test_data_generator_is_deterministic(tmp_path, monkeypatch):
     assert written and "speech" not in written  # fixtures/make_speech.py writes that one
     committed = {name: content for name, content in snapshot(DATA).items() if name.split("/")[0] in written}
     assert snapshot(tmp_path) == committed
+
+
+def test_fixture_models_learn_from_training_splits_only():
+    """Tokenizers and pretraining read training files only, and the builder refuses anything else."""
+    sources = [*build_models.corpus_files(), build_models.PROSE_TRAIN, build_models.SPEECH_TRAIN]
+    assert sources and all(path.name.startswith("train.") for path in sources)
+    build_models.check_training_splits_only(sources)
+    with pytest.raises(SystemExit, match="refusing to build from evaluation data: .*validation.txt"):
+        build_models.check_training_splits_only([*sources, DATA / "prose" / "validation.txt"])
+
+
+def sentences(path) -> set[str]:
+    return {sentence.strip() + "." for line in path.read_text().splitlines() for sentence in line.split(".") if sentence.strip()}
+
+
+@pytest.mark.parametrize("folder", ["entities", "paraphrase", "reviews", "similarity", "speech", "summaries"])
+def test_no_evaluation_example_occurs_in_training(folder):
+    """A model trained on a training split has not seen any example it is evaluated on."""
+    def examples(path):
+        lines = path.read_text().splitlines()
+        if folder == "speech":  # file_name,transcript: the clips differ, the transcripts must too
+            return {line.split(",", 1)[1] for line in lines[1:]}
+        return set(lines[1:] if path.suffix == ".csv" else lines)
+
+    train = examples(next((DATA / folder).glob("train.*")))
+    for path in (DATA / folder).glob("*.*"):
+        if path.name.startswith(("validation.", "test.")):
+            assert not examples(path) & train, path.name
+
+
+def test_no_validation_sentence_of_the_prose_occurs_in_training():
+    """The language-modelling validation text is new sentence by sentence, not only paragraph by paragraph."""
+    assert not sentences(DATA / "prose" / "validation.txt") & sentences(DATA / "prose" / "train.txt")
