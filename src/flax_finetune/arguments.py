@@ -2,8 +2,11 @@
 
 `parse_args((ModelArguments, DataArguments, TrainingArguments), argv)` turns a
 command line (or a single `.json` file of flag values) into one instance per
-dataclass. Each dataclass becomes a titled group in `--help`. Only the
-standard library is imported here, so `--help` returns at once.
+dataclass. Each dataclass becomes a titled group in `--help`. As with
+Transformers' HfArgumentParser, a flag on the command line may be shortened
+to any unambiguous prefix (`--dataset_config` for `--dataset_config_name`);
+the keys of a JSON file must be spelled out. Only the standard library is
+imported here, so `--help` returns at once.
 """
 
 from __future__ import annotations
@@ -89,14 +92,21 @@ def _add_field(group: argparse._ArgumentGroup, field: dataclasses.Field, annotat
 
 
 def build_parser(
-    dataclass_types: Sequence[type], description: str | None = None, prog: str | None = None
+    dataclass_types: Sequence[type],
+    description: str | None = None,
+    prog: str | None = None,
+    allow_abbrev: bool = True,
 ) -> argparse.ArgumentParser:
-    """An argparse parser with one group per dataclass."""
+    """An argparse parser with one group per dataclass.
+
+    `allow_abbrev`: accept an unambiguous prefix of a flag (argparse's rule, which the original
+    examples' HfArgumentParser kept); an ambiguous one is an error naming the candidates.
+    """
     parser = argparse.ArgumentParser(
         prog=prog,
         description=description,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
+        allow_abbrev=allow_abbrev,
     )
     for dataclass_type in dataclass_types:
         title = (dataclass_type.__doc__ or dataclass_type.__name__).strip().splitlines()[0]
@@ -141,15 +151,19 @@ def parse_args(
 ) -> tuple[Any, ...]:
     """Parse `argv` (default: sys.argv[1:]) into one instance of each dataclass.
 
-    A single argument ending in `.json` is read as a JSON object of flag values.
+    A single argument ending in `.json` is read as a JSON object of flag values,
+    whose keys must be full flag names (HfArgumentParser rejected other keys).
+    On the command line an unambiguous prefix of a flag stands for the flag.
     Unknown flags are an error: a flag that is accepted is always honoured.
     `script` (the script's file) names the program and goes into
     `TrainingArguments.command`, the command line recorded in the model card.
     """
     argv = [str(item) for item in (sys.argv[1:] if argv is None else argv)]  # paths welcome
-    if len(argv) == 1 and argv[0].endswith(".json"):
+    from_json = len(argv) == 1 and argv[0].endswith(".json")
+    if from_json:
         argv = _json_to_argv(Path(argv[0]))
-    parser = build_parser(dataclass_types, description, Path(script).name if script else None)
+    prog = Path(script).name if script else None
+    parser = build_parser(dataclass_types, description, prog, allow_abbrev=not from_json)
     namespace = vars(parser.parse_args(argv))
     instances = []
     for dataclass_type in dataclass_types:
