@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from flax_finetune import data
+from flax_finetune.arguments import ModelArguments
 from flax_finetune.errors import InputError
 
 
@@ -99,3 +100,14 @@ def test_hold_out_takes_the_last_percent():
     assert validation["text"] == ["18", "19"]
     with pytest.raises(InputError):
         data.hold_out(dataset, 0)
+
+
+def test_trust_remote_code_reaches_the_dataset_loader_only_when_given(monkeypatch):
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: calls.append(kwargs) or {"train": [1]})
+    for trusted in (True, False):
+        data.load_splits({}, extensions=(".csv",), dataset_name="someone/dataset", trust_remote_code=trusted)
+    assert calls[0]["trust_remote_code"] is True and "trust_remote_code" not in calls[1]
+    assert ModelArguments(model_name_or_path="m", trust_remote_code=True).hub_options["trust_remote_code"] is True

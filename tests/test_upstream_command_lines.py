@@ -155,7 +155,7 @@ UPSTREAM_COMMAND_LINES = {
     # evaluates on) -> the local-file flags --train_file and --validation_file, both
     # speech/validation.csv, with --audio_column_name and --text_column_name for its columns.
     # --dataset_config, --train_split_name and --eval_split_name stay: they are parsed, and apply
-    # to a --dataset_name only. --trust_remote_code is not a flag of this project (see below).
+    # to a --dataset_name only, as does --trust_remote_code for a dataset's loading script.
     "speech": """
         --model_name_or_path {models}/tiny-whisper
         --train_file {data}/speech/validation.csv
@@ -180,11 +180,6 @@ UPSTREAM_COMMAND_LINES = {
     """,
 }
 
-# Original flags this project does not have: the script stops on them (exit 2, naming the flag).
-# --trust_remote_code let `datasets` run a hub dataset's loading script; this project has no
-# such flag, and the swapped list loads local files.
-UNSUPPORTED_FLAGS = {"speech": ["--trust_remote_code"]}
-
 # Lists cheap enough to run to the end (see the module docstring), with the metric the original
 # test asserted on; its thresholds were for full-size models and the original data.
 RUN_TO_THE_END = {
@@ -194,13 +189,10 @@ RUN_TO_THE_END = {
 }
 
 
-def command_line(name: str, output_dir, supported_only: bool = False) -> list[str]:
+def command_line(name: str, output_dir) -> list[str]:
     """The original argument list of `name` with this repo's paths."""
     places = {"models": MODELS, "data": DATA, "output_dir": output_dir}
-    argv = [token.format(**places) for token in UPSTREAM_COMMAND_LINES[name].split()]
-    if supported_only:
-        argv = [token for token in argv if token not in UNSUPPORTED_FLAGS.get(name, [])]
-    return argv
+    return [token.format(**places) for token in UPSTREAM_COMMAND_LINES[name].split()]
 
 
 class Parsed(Exception):
@@ -241,7 +233,7 @@ def given_flags(argv: list[str]) -> list[tuple[str, str | None]]:
 
 @pytest.mark.parametrize("name", UPSTREAM_COMMAND_LINES)
 def test_every_flag_lands_in_its_field(name, tmp_path, monkeypatch):
-    argv = command_line(name, tmp_path, supported_only=True)
+    argv = command_line(name, tmp_path)
     fields = parse_with_script(name, argv, monkeypatch)
     for flag, value in given_flags(argv):
         matches = [field for field in fields if field == flag] or [field for field in fields if field.startswith(flag)]
@@ -252,22 +244,14 @@ def test_every_flag_lands_in_its_field(name, tmp_path, monkeypatch):
 
 
 def test_the_asr_abbreviation_is_the_dataset_config_name(tmp_path, monkeypatch):
-    fields = parse_with_script("speech", command_line("speech", tmp_path, supported_only=True), monkeypatch)
+    fields = parse_with_script("speech", command_line("speech", tmp_path), monkeypatch)
     assert fields["dataset_config_name"] == "clean"
     assert fields["train_split_name"] == fields["eval_split_name"] == "validation"
-
-
-@pytest.mark.parametrize("name", UNSUPPORTED_FLAGS)
-def test_an_unsupported_original_flag_stops_the_script_naming_it(name, tmp_path, capsys):
-    with pytest.raises(SystemExit) as stop:
-        load_script(SCRIPTS[name]).main(command_line(name, tmp_path))
-    assert stop.value.code == 2
-    assert f"unrecognized arguments: {' '.join(UNSUPPORTED_FLAGS[name])}" in capsys.readouterr().err
-    assert not any(tmp_path.iterdir())  # stopped before writing anything
+    assert fields["trust_remote_code"] is True
 
 
 @pytest.mark.parametrize("name", RUN_TO_THE_END)
 def test_the_original_command_line_runs_to_the_end(name, tmp_path):
     split, metric = RUN_TO_THE_END[name]
-    load_script(SCRIPTS[name]).main(command_line(name, tmp_path, supported_only=True))
+    load_script(SCRIPTS[name]).main(command_line(name, tmp_path))
     assert math.isfinite(read_results(tmp_path, split)[metric])

@@ -192,6 +192,9 @@ class ModelArguments:
     use_fast_tokenizer: bool = arg(True, "Use a fast (Rust) tokenizer.")
     model_revision: str = arg("main", "Hub revision (branch, tag or commit) of the model.")
     token: Optional[str] = arg(None, "Hub token for private models.")
+    trust_remote_code: bool = arg(
+        False, "Let a hub config, tokenizer or --dataset_name loading script run its own code (trusted repositories only)."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = arg(
         "float32", "Computation dtype; parameters stay float32."
     )
@@ -207,7 +210,8 @@ class ModelArguments:
     @property
     def hub_options(self) -> dict:
         """Keyword arguments for Transformers' from_pretrained calls."""
-        return {"cache_dir": self.cache_dir, "revision": self.model_revision, "token": self.token}
+        return {"cache_dir": self.cache_dir, "revision": self.model_revision, "token": self.token,
+                "trust_remote_code": self.trust_remote_code}
 
 
 @dataclasses.dataclass

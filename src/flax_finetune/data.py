@@ -48,20 +48,22 @@ def load_splits(
     dataset_name: Optional[str] = None,
     dataset_config_name: Optional[str] = None,
     cache_dir: Optional[str] = None,
+    trust_remote_code: bool = False,
 ):
     """Load each split that has a file into a `datasets.Dataset`.
 
     `files` maps a split name to (flag name, path or None), e.g.
     `{"train": ("train_file", args.train_file)}`; the flag name is used in
     error messages. With `dataset_name`, the splits come from that dataset
-    instead (hub or local loading script). Returns {split: Dataset}.
+    instead (hub or local loading script, run only with `trust_remote_code`). Returns {split: Dataset}.
     """
     import datasets
 
     datasets.utils.logging.disable_progress_bar()
     if dataset_name is not None:
         try:
-            loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+            remote_code = {"trust_remote_code": True} if trust_remote_code else {}  # datasets 4 dropped scripts
+            loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, **remote_code)
         except Exception as error:  # hub, network and script errors all mean the same to the user
             raise InputError(f"--dataset_name {dataset_name}: cannot load it ({type(error).__name__}: {error})") from None
         return dict(loaded)

@@ -216,6 +216,7 @@ class Run:
             dataset_name=data_args.dataset_name,
             dataset_config_name=data_args.dataset_config_name,
             cache_dir=self.model_args.cache_dir,
+            trust_remote_code=self.model_args.trust_remote_code,
         )
         if data_args.dataset_name is not None:
             names = {split: (hub_split_names or {}).get(split, split) for split in needed}
