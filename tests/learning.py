@@ -90,6 +90,18 @@ def evaluation_only(command: list[str]) -> list[str]:
     return [argument for argument in command if argument != "--do_train"]
 
 
+def text_baselines(tokenizer_folder, train_path, eval_path) -> tuple[float, float]:
+    """(accuracy of always the most frequent token, perplexity of a unigram model): trivial token
+    predictors made from the training text, scored on the evaluation text (each line tokenized
+    without special tokens, which no model is asked to predict)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    train, evaluation = ([tokenizer(line, add_special_tokens=False)["input_ids"] for line in path.read_text().splitlines()]
+                         for path in (train_path, eval_path))
+    return most_frequent_token_accuracy(train, evaluation), unigram_perplexity(train, evaluation, len(tokenizer))
+
+
 def unigram_perplexity(train_ids: list[list[int]], eval_ids: list[list[int]], vocab_size: int) -> float:
     """Perplexity on `eval_ids` of a unigram model of `train_ids` (add-one smoothing over the
     vocabulary): the language model that ignores all context."""

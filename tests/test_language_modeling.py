@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from conftest import DATA, MODELS, load_script, read_log, read_results
-from learning import Bar, assert_fine_tuning_learned, evaluation_only, unigram_perplexity
+from learning import Bar, assert_fine_tuning_learned, evaluation_only, text_baselines
 
 BARS = [Bar("eval_perplexity", 10.0, lower_is_better=True)]
 
@@ -34,19 +34,11 @@ def clm_command(output_dir):
     ]
 
 
-def token_ids(tokenizer, path) -> list[list[int]]:
-    return [tokenizer(line)["input_ids"] for line in path.read_text().splitlines()]
-
-
 def test_fine_tuning_lowers_perplexity(tmp_path):
-    from transformers import AutoTokenizer
-
     clm().main(evaluation_only(clm_command(tmp_path / "start")))
     clm().main(clm_command(tmp_path / "trained"))
 
-    tokenizer = AutoTokenizer.from_pretrained(MODELS / "tiny-gpt2")
-    unigram = unigram_perplexity(token_ids(tokenizer, DATA / "prose" / "train.txt"),
-                                 token_ids(tokenizer, DATA / "prose" / "validation.txt"), len(tokenizer))
+    _, unigram = text_baselines(MODELS / "tiny-gpt2", DATA / "prose" / "train.txt", DATA / "prose" / "validation.txt")
     assert_fine_tuning_learned(BARS, {"eval_loss": 2.0}, baseline={"eval_perplexity": unigram},
                                starting=read_results(tmp_path / "start"), trained=read_results(tmp_path / "trained"))
     log = read_log(tmp_path / "trained")

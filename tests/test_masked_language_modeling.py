@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import DATA, MODELS, load_script, read_log, read_results
-from learning import Bar, assert_fine_tuning_learned, evaluation_only, most_frequent_token_accuracy, unigram_perplexity
+from learning import Bar, assert_fine_tuning_learned, evaluation_only, text_baselines
 
 BARS = [Bar("eval_accuracy", 0.12), Bar("eval_perplexity", 75.0, lower_is_better=True)]
 
@@ -30,21 +30,12 @@ def mlm_command(output_dir, model="tiny-roberta"):
     ]
 
 
-def text_ids(tokenizer, path) -> list[list[int]]:
-    """Token ids of each line, without special tokens (those are never masked)."""
-    return [tokenizer(line, add_special_tokens=False)["input_ids"] for line in path.read_text().splitlines()]
-
-
 def test_fine_tuning_predicts_masked_tokens(tmp_path):
-    from transformers import AutoTokenizer
-
     mlm().main(evaluation_only(mlm_command(tmp_path / "start")))
     mlm().main(mlm_command(tmp_path / "trained"))
 
-    tokenizer = AutoTokenizer.from_pretrained(MODELS / "tiny-roberta")
-    train, validation = text_ids(tokenizer, DATA / "prose" / "train.txt"), text_ids(tokenizer, DATA / "prose" / "validation.txt")
-    baseline = {"eval_accuracy": most_frequent_token_accuracy(train, validation),
-                "eval_perplexity": unigram_perplexity(train, validation, len(tokenizer))}
+    accuracy, perplexity = text_baselines(MODELS / "tiny-roberta", DATA / "prose" / "train.txt", DATA / "prose" / "validation.txt")
+    baseline = {"eval_accuracy": accuracy, "eval_perplexity": perplexity}
     assert_fine_tuning_learned(BARS, {"eval_loss": 1.0, "eval_accuracy": 0.1}, baseline=baseline,
                                starting=read_results(tmp_path / "start"), trained=read_results(tmp_path / "trained"))
     assert [r["step"] for r in read_log(tmp_path / "trained") if "eval_accuracy" in r][:2] == [300, 600]

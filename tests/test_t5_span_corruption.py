@@ -9,7 +9,7 @@ import math
 
 from conftest import DATA, MODELS, load_script, read_results
 from flax_finetune.errors import InputError
-from learning import Bar, assert_fine_tuning_learned, evaluation_only, most_frequent_token_accuracy, unigram_perplexity
+from learning import Bar, assert_fine_tuning_learned, evaluation_only, text_baselines
 
 BARS = [Bar("eval_accuracy", 0.25), Bar("eval_loss", 3.5, lower_is_better=True)]
 # Span-corruption pretraining starts from a new model, as the script is meant to be used: the
@@ -34,23 +34,15 @@ def t5_command(output_dir):
     ]
 
 
-def text_ids(tokenizer, path) -> list[list[int]]:
-    return [tokenizer(line, add_special_tokens=False)["input_ids"] for line in path.read_text().splitlines()]
-
-
 def test_span_corruption_pretraining_learns(tmp_path):
-    from transformers import AutoTokenizer
-
     t5().main(evaluation_only(t5_command(tmp_path / "start")))
     t5().main(t5_command(tmp_path / "trained"))
 
     # Trivial predictors of the hidden tokens: always the most frequent token of the training
     # text (scored on all validation tokens, an upper bound of its accuracy on the spans), and a
     # unigram model of the training text (its cross-entropy, the loss to beat).
-    tokenizer = AutoTokenizer.from_pretrained(MODELS / "tiny-t5")
-    train, validation = text_ids(tokenizer, DATA / "prose" / "train.txt"), text_ids(tokenizer, DATA / "prose" / "validation.txt")
-    baseline = {"eval_accuracy": most_frequent_token_accuracy(train, validation),
-                "eval_loss": math.log(unigram_perplexity(train, validation, len(tokenizer)))}
+    accuracy, perplexity = text_baselines(MODELS / "tiny-t5", DATA / "prose" / "train.txt", DATA / "prose" / "validation.txt")
+    baseline = {"eval_accuracy": accuracy, "eval_loss": math.log(perplexity)}
     assert_fine_tuning_learned(BARS, {"eval_loss": 2.0, "eval_accuracy": 0.15}, baseline=baseline,
                                starting=read_results(tmp_path / "start"), trained=read_results(tmp_path / "trained"))
 
