@@ -24,7 +24,7 @@ def speech():
 def speech_command(output_dir):
     return [
         "--model_name_or_path", str(MODELS / "tiny-whisper"),
-        "--output_dir", str(output_dir), "--overwrite_output_dir", "--num_train_epochs=10",
+        "--output_dir", str(output_dir), "--overwrite_output_dir", "--num_train_epochs=15",
         "--warmup_steps=8", "--do_train", "--do_eval",
         "--learning_rate=2e-3", "--per_device_train_batch_size=8", "--per_device_eval_batch_size=4",
         "--predict_with_generate",
