@@ -52,7 +52,7 @@ SCRIPTS = {
         "--text_column_name", "transcript", "--do_train", "--do_eval", "--predict_with_generate",
     ],
 }
-SHORT_RUN = ["--max_steps", "2", "--max_eval_samples", "4", "--per_device_eval_batch_size", "2", "--disable_tqdm"]
+SHORT_RUN = ["--max_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "4", "--per_device_eval_batch_size", "2", "--disable_tqdm"]
 
 
 @pytest.mark.parametrize("script", list(SCRIPTS), ids=lambda script: script.split("/")[1].removesuffix(".py"))
