@@ -1,7 +1,7 @@
 """Training-step benchmark: how fast the example scripts' training step runs on this machine.
 
     python benchmarks/bench.py [--quick] [--output DIR] [--dtype float32 bfloat16]
-                               [--reference-dtype float32] [--only bert,gpt2,t5]
+                               [--reference-dtype float32] [--only bert,gpt2,t5] [--backend cpu|cuda|tpu]
 
 Every measurement runs in a process of its own, so each has its own start-up
 cost and its own peak memory, and no process holds the accelerator while
@@ -30,6 +30,10 @@ timed once and a 50-millisecond GPU step 20 times. The reference runs in
 float32 only unless `--reference-dtype` asks for more; the bfloat16 question
 is this project's bfloat16 against its own float32. `--quick` uses tiny
 configs, for the test.
+
+`--backend` runs every measurement on that JAX platform (JAX_PLATFORMS) and
+fails one whose JAX fell back to another; on cuda and tpu the default dtype
+is bfloat16, and the reference runs in it too.
 
 Written to --output: bench.json (every figure, per-step times included) and
 bench.md (the tables, also printed).
@@ -70,6 +74,9 @@ MATMUL_REPEAT_SECONDS = 0.2  # each timed matmul repeat runs back-to-back calls 
 # (an XLA backend that cannot see inside a library call counts too little)
 FLOPS_AGREEMENT = 2.0
 VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "transformers", "numpy")
+# --backend (a JAX_PLATFORMS value) -> what jax.default_backend() says there
+BACKENDS = {"cpu": "cpu", "cuda": "gpu", "tpu": "tpu"}
+ACCELERATOR_DTYPE = "bfloat16"  # what the matrix units of GPUs and TPUs are built for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -512,19 +519,22 @@ def installed_versions() -> dict:
 # --------------------------------------------------------------------------- orchestration (parent process)
 
 
-def child_environment() -> dict:
+def child_environment(backend: Optional[str]) -> dict:
     environment = dict(os.environ)
     for name, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}.items():
         environment.setdefault(name, value)
+    if backend:
+        environment["JAX_PLATFORMS"] = backend
     return environment
 
 
-def run_child(job_arguments: list[str]) -> dict:
+def run_child(job_arguments: list[str], backend: Optional[str]) -> dict:
     """Run this file as `--job ...` in a new process, echoing its progress; its result, or why it failed."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
-        command = [sys.executable, __file__, *job_arguments, "--result", str(result), "--spawned-at", repr(time.time())]
-        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=child_environment())
+        command = [sys.executable, __file__, *job_arguments, "--result", str(result), "--spawned-at", repr(time.time()),
+                   *(["--backend", backend] if backend else [])]
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=child_environment(backend))
         last_lines = collections.deque(maxlen=10)
         for line in process.stderr:
             sys.stderr.write(line)
@@ -647,7 +657,7 @@ def run_all(args: argparse.Namespace) -> int:
                     if implementation == NATIVE or dtype in args.reference_dtype]
     total = 1 + sum(1 for _, implementation, _ in combinations if implementation == NATIVE or not unavailable)
     log("bench", f"1 of {total}: matmul peak")
-    matmul = run_child(["--job", "matmul", "--dtype", *args.dtype, *quick])
+    matmul = run_child(["--job", "matmul", "--dtype", *args.dtype, *quick], args.backend)
     runs, position = [], 1
     for case, implementation, dtype in combinations:
         _, shape = case.sizes(args.quick)
@@ -660,7 +670,8 @@ def run_all(args: argparse.Namespace) -> int:
         position += 1
         log("bench", f"{position} of {total}: {case.name} ({case.script}), {implementation}, {dtype}")
         run = {**description, **run_child(
-            ["--job", "train", "--case", case.name, "--implementation", implementation, "--dtype", dtype, *quick]
+            ["--job", "train", "--case", case.name, "--implementation", implementation, "--dtype", dtype, *quick],
+            args.backend,
         )}
         if run["status"] == "ok":
             add_utilisation(run, matmul.get("peaks", {}))
@@ -688,6 +699,11 @@ def run_all(args: argparse.Namespace) -> int:
 
 def run_job(args: argparse.Namespace) -> None:
     """Child side: one measurement, its result written to --result as JSON."""
+    if args.backend:
+        import jax
+
+        if jax.default_backend() != BACKENDS[args.backend]:
+            raise SystemExit(f"--backend {args.backend}: JAX runs on {jax.default_backend()}")
     if args.job == "matmul":
         result = matmul_job(args.dtype, args.quick)
     else:
@@ -708,11 +724,15 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="Tiny configs: a smoke test of the harness.")
     parser.add_argument("--output", type=Path, default=Path("reports/bench"),
                         help="Folder for bench.json and bench.md (default: reports/bench).")
-    parser.add_argument("--dtype", nargs="+", choices=DTYPES, default=["float32", "bfloat16"],
-                        help="Computation dtypes to measure (weights stay float32).")
+    parser.add_argument("--dtype", nargs="+", choices=DTYPES,
+                        help="Computation dtypes to measure (weights stay float32; default: float32 and bfloat16, "
+                             f"{ACCELERATOR_DTYPE} on cuda and tpu).")
     parser.add_argument("--reference-dtype", nargs="+", choices=DTYPES,
                         help="Dtypes (of those in --dtype) at which the Transformers reference runs too "
-                             "(default: float32, when measured).")
+                             f"(default: float32, {ACCELERATOR_DTYPE} on cuda and tpu, when measured).")
+    parser.add_argument("--backend", choices=list(BACKENDS),
+                        help="JAX platform of every measurement (default: the one JAX picks); a run that JAX "
+                             "puts elsewhere fails.")
     parser.add_argument("--only", type=case_names, default=list(CASES),
                         help=f"Comma-separated cases to run (default: {','.join(CASES)}).")
     # one measurement in a child process (set by run_child)
@@ -722,8 +742,12 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    accelerator = args.backend in ("cuda", "tpu")
+    if args.dtype is None:
+        args.dtype = [ACCELERATOR_DTYPE] if accelerator else ["float32", "bfloat16"]
     if args.reference_dtype is None:
-        args.reference_dtype = [dtype for dtype in ("float32",) if dtype in args.dtype]
+        reference = ACCELERATOR_DTYPE if accelerator else "float32"
+        args.reference_dtype = [dtype for dtype in (reference,) if dtype in args.dtype]
     unmeasured = [dtype for dtype in args.reference_dtype if dtype not in args.dtype]
     if unmeasured:
         parser.error(f"--reference-dtype {' '.join(unmeasured)}: not in --dtype {' '.join(args.dtype)}")

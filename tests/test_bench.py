@@ -27,6 +27,7 @@ def bench():
     return module
 
 
+@pytest.mark.spawns
 @pytest.mark.slow  # about a minute of compiling in subprocesses: the slow tier runs it
 def test_quick_benchmark_reports_every_figure(tmp_path):
     # One case and one dtype (three processes) keep it under a minute on two cores; a cheaper XLA

@@ -76,6 +76,7 @@ def first_step_seconds(output_dir, cache) -> float:
     return json.loads((output_dir / "train_results.json").read_text())["train_first_step_seconds"]
 
 
+@pytest.mark.spawns
 def test_warm_compilation_cache_reaches_the_first_step_at_least_twice_as_soon(tmp_path):
     """Measured on 2 cores: 19.0 s cold, 4.1 s warm with jax 0.9.2 (4.6x); 3.6 s and 1.4 s with jax
     0.12 (2.5x), whose cold compile is already fast, while tracing and lowering, which a cache hit

@@ -79,6 +79,7 @@ def test_the_output_folder_is_a_model_with_a_card_that_reproduces_its_metrics(tm
     assert reloaded["eval_loss"] == pytest.approx(results["eval_loss"], rel=1e-6)
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_help_is_grouped_and_imports_nothing_heavy(script):
     started = time.perf_counter()
@@ -93,6 +94,7 @@ def test_help_is_grouped_and_imports_nothing_heavy(script):
     assert seconds < 2.0, seconds
 
 
+@pytest.mark.spawns
 def test_push_to_hub_uploads_the_model_at_each_save_and_at_the_end(tmp_path):
     with HubStandIn() as hub:
         output = tmp_path / "tiny-paraphrase"
@@ -113,6 +115,7 @@ def test_push_to_hub_uploads_the_model_at_each_save_and_at_the_end(tmp_path):
     assert b"--hub_token '<hidden>'" in files["README.md"]
 
 
+@pytest.mark.spawns
 def test_an_unreachable_hub_stops_the_script_before_training(tmp_path):
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))
@@ -128,6 +131,7 @@ def test_an_unreachable_hub_stops_the_script_before_training(tmp_path):
     assert not output.exists()
 
 
+@pytest.mark.spawns
 def test_a_token_the_hub_refuses_stops_the_script_before_training(tmp_path):
     output = tmp_path / "out"
     with HubStandIn() as hub:
@@ -148,6 +152,7 @@ def test_a_token_the_hub_refuses_stops_the_script_before_training(tmp_path):
     assert not output.exists()  # no training step, log, checkpoint or model was written
 
 
+@pytest.mark.spawns
 def test_a_file_over_the_lfs_threshold_is_pushed_through_lfs(tmp_path):
     folder = tmp_path / "large-model"
     folder.mkdir()
@@ -173,6 +178,7 @@ def test_a_file_over_the_lfs_threshold_is_pushed_through_lfs(tmp_path):
     assert hub.commits == [("tester/large-model", "End of training")]
 
 
+@pytest.mark.spawns
 def test_without_a_terminal_progress_is_log_lines_not_bars(tmp_path):
     args = [a for a in glue_args(tmp_path) if a != "--disable_tqdm"]
     result = subprocess.run([sys.executable, str(EXAMPLES / GLUE), *args], capture_output=True, text=True, timeout=600)
@@ -181,6 +187,7 @@ def test_without_a_terminal_progress_is_log_lines_not_bars(tmp_path):
     assert "step 4/24 (epoch 0.50): loss" in result.stderr and "steps/s" in result.stderr
 
 
+@pytest.mark.spawns
 def test_on_a_terminal_each_epoch_has_a_bar(tmp_path):
     import fcntl
     import pty
