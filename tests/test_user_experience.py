@@ -214,3 +214,14 @@ def test_on_a_terminal_each_epoch_has_a_bar(tmp_path):
     for epoch in (1, 2, 3):
         assert f"epoch {epoch}: 100%" in output
     assert "loss=" in output and "lr=" in output
+
+
+def test_the_upload_leaves_checkpoints_event_files_and_temporary_files_out(tmp_path):
+    from flax_finetune.hub import uploaded_files
+
+    for name in ("config.json", "model.safetensors", "notes/card.md", "partial.tmp", "checkpoints/checkpoint_12/position",
+                 "tensorboard/events.out", "checkpoints/checkpoint_24.orbax-checkpoint-tmp-0/state"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(name)
+    assert [path.relative_to(tmp_path).as_posix() for path in uploaded_files(tmp_path)] == [
+        "config.json", "model.safetensors", "notes/card.md"]

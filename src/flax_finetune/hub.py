@@ -6,12 +6,30 @@ hub or a refused token stops the script before training, not after it.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
 from flax_finetune.errors import InputError
 
-NOT_UPLOADED = ["checkpoints/*", "checkpoints/**", "tensorboard/**", "*.tmp"]
+# Folders of the output directory that stay local: checkpoints (orbax writes them in the background)
+# and TensorBoard event files.
+NOT_UPLOADED_FOLDERS = ("checkpoints", "tensorboard")
+
+
+def uploaded_files(folder: Path) -> list[Path]:
+    """The files of `folder` that go to the hub: all but NOT_UPLOADED_FOLDERS and *.tmp, in a fixed order.
+
+    The walk never enters a folder it leaves out: orbax may be renaming a checkpoint's temporary
+    folder at that moment, and a walk that lists it first and filters later (huggingface_hub's
+    upload_folder) fails when it vanishes.
+    """
+    files = []
+    for root, folders, names in os.walk(folder):
+        if Path(root) == Path(folder):
+            folders[:] = [name for name in folders if name not in NOT_UPLOADED_FOLDERS]
+        files += [Path(root) / name for name in names if not name.endswith(".tmp")]
+    return sorted(files)
 
 
 class Hub:
@@ -45,7 +63,10 @@ class Hub:
         """Upload the folder (without checkpoints and event files) as one commit."""
         import huggingface_hub
 
-        huggingface_hub.upload_folder(
-            repo_id=self.repo_id, folder_path=str(self.folder), commit_message=message,
-            token=self.token, ignore_patterns=NOT_UPLOADED,
+        operations = [
+            huggingface_hub.CommitOperationAdd(path_in_repo=path.relative_to(self.folder).as_posix(), path_or_fileobj=str(path))
+            for path in uploaded_files(self.folder)
+        ]
+        huggingface_hub.HfApi(token=self.token).create_commit(
+            repo_id=self.repo_id, operations=operations, commit_message=message
         )
