@@ -61,7 +61,8 @@ def assert_fine_tuning_learned(
         assert not bar.passes(baseline[bar.metric]), f"a trivial predictor passes {bar}: {baseline}"
     for bar in bars:
         assert not bar.passes(starting[bar.metric]), f"the starting checkpoint already passes {bar}: {starting}"
-    assert not failed_bars(trained, bars), f"the trained run fails {failed_bars(trained, bars)}: {trained}"
+    failures = failed_bars(trained, bars)
+    assert not failures, f"the trained run fails {failures}: {trained}"
     lower_is_better = {bar.metric: bar.lower_is_better for bar in bars}
     for metric, margin in margins.items():
         lower = lower_is_better.get(metric, metric.endswith(("loss", "perplexity", "wer")))
