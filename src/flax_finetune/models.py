@@ -31,17 +31,6 @@ TASKS = (
 )
 DTYPES = ("float32", "bfloat16", "float16")
 
-# model type -> the name of its base model in a head model's tree (as in Transformers' checkpoints),
-# so that a base-model checkpoint fills a head model and the other way round
-BASE_MODEL_PREFIXES = {
-    "bert": "bert",
-    "roberta": "roberta",
-    "distilbert": "distilbert",
-    "gpt2": "transformer",
-    "t5": "transformer",
-    "whisper": "model",
-}
-
 # files a hub download needs: weights in any supported format, configs, tokenizer and feature extractor
 HUB_FILES = ["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model", "*.bin"]
 
@@ -49,9 +38,16 @@ HUB_FILES = ["*.json", "*.safetensors", "*.msgpack", "*.txt", "*.model", "*.bin"
 def modules() -> dict:
     """(model type, task) -> Flax module class, for every architecture this project implements."""
     from flax_finetune import modeling
-    from flax_finetune.modeling import bert, distilbert, gpt2, t5, whisper  # noqa: F401  (they register)
 
+    modeling.import_all()
     return modeling.MODULES
+
+
+def base_model_prefix(model_type: str) -> str:
+    """The name of `model_type`'s base model in a head model's tree (as in Transformers' checkpoints)."""
+    from flax_finetune import modeling
+
+    return modeling.family(model_type).base_prefix
 
 
 def supported(task: Optional[str] = None) -> list[str]:
@@ -203,7 +199,7 @@ def load(
     shapes = jax.eval_shape(init, jax.random.PRNGKey(seed))
     try:
         params, missing, unexpected = checkpoint_io.read_params(
-            folder, shapes, BASE_MODEL_PREFIXES.get(config.model_type, ""), config.model_type
+            folder, shapes, base_model_prefix(config.model_type), config.model_type
         )
     except (OSError, ValueError) as error:
         raise InputError(f"--model_name_or_path {name_or_path}: {error}") from None

@@ -19,15 +19,68 @@ Contract (every architecture module fills `MODULES` through `register`):
 - Tasks: "sequence-classification", "token-classification",
   "question-answering", "masked-lm", "causal-lm", "seq2seq-lm",
   "speech-seq2seq".
+- `FAMILIES[model_type]` (filled through `register_family`) says how the family's
+  checkpoints name things: the base model's name in head trees and the PyTorch
+  names that differ from the Flax tree's.
+
+Every module of this package except the shared machinery (`SHARED_MODULES`)
+is an architecture module; `import_all()` imports them, so adding a family is
+adding a module.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
 
 import flax
 
 MODULES: dict[tuple[str, str], type] = {}
+
+SHARED_MODULES = frozenset({"checkpoint_io", "generation"})
+"""Modules of this package that hold shared machinery, not an architecture."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model type's Hub checkpoints relate to this project's parameter trees.
+
+    base_prefix: the base model's name in a head model's tree ("bert", "roberta", "model", ...),
+        so that a base-model checkpoint fills a head model and the other way round.
+    pytorch_renames: top-level Flax module name -> its PyTorch name (Whisper: lm_head -> proj_out).
+    tied_pytorch_keys: ends of PyTorch keys a checkpoint may hold for a parameter the Flax tree
+        shares with another (a tied output projection): skipped on reading, not unexpected.
+    skipped_pytorch_keys: ends of PyTorch keys that are buffers or constants here (fixed sinusoidal
+        positions, rotary caches): skipped on reading.
+    """
+
+    base_prefix: str
+    pytorch_renames: Mapping[str, str] = field(default_factory=dict)
+    tied_pytorch_keys: tuple[str, ...] = ()
+    skipped_pytorch_keys: tuple[str, ...] = ()
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register_family(model_type: str, family: Family) -> None:
+    """Declare how `model_type`'s checkpoints are named (see `Family`)."""
+    FAMILIES[model_type] = family
+
+
+def family(model_type: str) -> Family:
+    """The registered `Family` of `model_type`; a family with no base prefix where none is registered."""
+    import_all()
+    return FAMILIES.get(model_type, Family(base_prefix=""))
+
+
+def import_all() -> None:
+    """Import every architecture module of this package (each registers its modules and families)."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in SHARED_MODULES and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 @flax.struct.dataclass

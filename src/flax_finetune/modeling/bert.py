@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_finetune.modeling import Output, register
+from flax_finetune.modeling import Family, Output, register, register_family
 
 Array = Any
 
@@ -374,6 +374,10 @@ class _QuestionAnswering(_Encoder):
         hidden, _ = self.encoder()(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
         logits = nn.Dense(self.config.num_labels, dtype=self.dtype, name="qa_outputs")(hidden)
         return _split_span_logits(logits, self.config.num_labels)
+
+
+register_family("bert", Family(base_prefix="bert"))
+register_family("roberta", Family(base_prefix="roberta"))
 
 
 @register("bert", "sequence-classification")

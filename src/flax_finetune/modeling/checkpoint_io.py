@@ -20,8 +20,9 @@ A Flax path and a PyTorch key name the same parameter by these rules (`pytorch_k
   <-> its PyTorch Conv1D [in, out];
 - Flax `scale` (LayerNorm) and `embedding` (Embed) <-> `weight`, same array;
 - any other name (`bias`, T5's LayerNorm `weight`, a masked-LM head's output `bias`) is kept, same array;
-- `PYTORCH_RENAMES`: per model type, a top-level Flax module with another PyTorch name
-  (Whisper's output layer: Flax `lm_head`, PyTorch `proj_out`);
+- the model type's `Family` (flax_finetune.modeling): a top-level Flax module with another
+  PyTorch name (Whisper's output layer: Flax `lm_head`, PyTorch `proj_out`), and the keys a
+  family's checkpoints hold for tied parameters or constants, skipped on reading;
 - on reading, the `LayerNorm.gamma` / `LayerNorm.beta` of old PyTorch checkpoints mean
   `LayerNorm.weight` / `LayerNorm.bias`.
 """
@@ -42,6 +43,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from flax_finetune.errors import InputError
+from flax_finetune.modeling import family
 
 FlaxPath = tuple[str, ...]
 
@@ -49,9 +51,6 @@ SAFETENSORS_NAME = "model.safetensors"
 FLAX_NAME = "flax_model.msgpack"
 PYTORCH_NAME = "pytorch_model.bin"
 INDEX_SUFFIX = ".index.json"
-
-PYTORCH_RENAMES: dict[str, dict[str, str]] = {"whisper": {"lm_head": "proj_out"}}
-"""Per model type: top-level Flax module name -> its PyTorch name."""
 
 TIED_PYTORCH_KEYS: tuple[str, ...] = (
     "lm_head.weight",  # GPT-2, T5 v1.0 (tied to the token embedding)
@@ -91,7 +90,7 @@ def pytorch_key(path: FlaxPath, model_type: Optional[str] = None) -> str:
     """The PyTorch state-dict key of the Flax parameter at `path`."""
     *modules, leaf = path
     if modules:
-        renames = PYTORCH_RENAMES.get(model_type, {}) if model_type else {}
+        renames = family(model_type).pytorch_renames if model_type else {}
         modules[0] = renames.get(modules[0], modules[0])
     if leaf in ("kernel", "scale", "embedding"):
         leaf = "weight"
@@ -155,6 +154,8 @@ def read_params(
             path_of = {"/".join(path): path for path in shapes}
         name_in_model = _prefix_fix(tensors, shapes, base_model_prefix, separator, path_of)
 
+        declared = family(model_type) if model_type else family("")
+        skipped = TIED_PYTORCH_KEYS + PYTORCH_BUFFERS + declared.tied_pytorch_keys + declared.skipped_pytorch_keys
         found: dict[FlaxPath, np.ndarray] = {}
         unexpected: list[str] = []
         mismatched: list[str] = []
@@ -162,7 +163,7 @@ def read_params(
             name = name_in_model(_modern_name(key) if layout == "pytorch" else key)
             path = path_of.get(name)
             if path is None:
-                if layout != "pytorch" or not _ends_with_any(name, TIED_PYTORCH_KEYS + PYTORCH_BUFFERS):
+                if layout != "pytorch" or not _ends_with_any(name, skipped):
                     unexpected.append(key)
                 continue
             tensor = read_tensor()

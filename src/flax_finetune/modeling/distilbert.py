@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from flax_finetune.modeling import Output, register
+from flax_finetune.modeling import Family, Output, register, register_family
 from flax_finetune.modeling.bert import activation, attend, decode_to_vocab, padding_mask
 
 Array = Any
@@ -191,6 +191,9 @@ class _DistilBertTask(nn.Module):
     def encode(self, input_ids, attention_mask, position_ids, deterministic: bool) -> tuple[DistilBertModel, Array]:
         encoder = DistilBertModel(self.config, self.dtype, name="distilbert")
         return encoder, encoder(input_ids, attention_mask, position_ids, deterministic)
+
+
+register_family("distilbert", Family(base_prefix="distilbert"))
 
 
 @register("distilbert", "sequence-classification")

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flax_finetune.modeling import Output, register
+from flax_finetune.modeling import Family, Output, register, register_family
 from flax_finetune.modeling.bert import activation, attend
 
 Array = Any
@@ -152,6 +152,9 @@ class GPT2Model(nn.Module):
     def token_embedding(self) -> Array:
         """The token embedding table `wte` [V, H]; call after `__call__`."""
         return self.variables["params"]["wte"]["embedding"]
+
+
+register_family("gpt2", Family(base_prefix="transformer"))
 
 
 @register("gpt2", "causal-lm")

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import Output, register
+from . import Family, Output, register, register_family
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -442,6 +442,9 @@ class T5Stack(nn.Module):
         )
         hidden = self.final_layer_norm(hidden)
         return self.dropout(hidden, deterministic=deterministic), caches
+
+
+register_family("t5", Family(base_prefix="transformer"))
 
 
 @register("t5", "seq2seq-lm")

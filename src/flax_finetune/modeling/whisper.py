@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import Output, register
+from . import Family, Output, register, register_family
 
 ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -330,6 +330,9 @@ class WhisperModel(nn.Module):
     def setup(self):
         self.encoder = WhisperEncoder(self.config, dtype=self.dtype)
         self.decoder = WhisperDecoder(self.config, dtype=self.dtype)
+
+
+register_family("whisper", Family(base_prefix="model", pytorch_renames={"lm_head": "proj_out"}))
 
 
 @register("whisper", "speech-seq2seq")
