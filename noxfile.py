@@ -149,7 +149,7 @@ BACKENDS = {
 }
 RUNTIME_PACKAGES = {name for backend in BACKENDS.values() for name in backend.runtime}
 KINDS = {
-    "tests": ("not slow and not reliability", "Fast tests"),
+    "tests": ("not slow and not reliability and not family_learning", "Fast tests"),
     "slow": ("slow", "Slow tests (real pretrained checkpoint, bigger configs)"),
 }
 CELLS_BY_NAME = {cell.name: cell for cell in CELLS}
@@ -346,8 +346,14 @@ def reliability(session: nox.Session) -> None:
 def torch(session: nox.Session) -> None:
     """Transformers 5 + CPU torch: models the scripts save load in the PyTorch classes with the same logits."""
     install_cell(session, TORCH_CELL)
-    run_pytest(session, "cpu", "not slow and not reliability", "tests/test_pytorch_export.py",
-               "tests/test_checkpoint_io.py", env={"FLAX_FINETUNE_REQUIRE_TORCH": "1"})
+    run_pytest(session, "cpu", "pytorch and not slow and not reliability", env={"FLAX_FINETUNE_REQUIRE_TORCH": "1"})
+
+
+@nox.session(python=DEMO_CELL.python, tags=["families"])
+def families(session: nox.Session) -> None:
+    """Each model family's full end-to-end run with a learning check (marker family_learning), in one cell."""
+    install_cell(session, DEMO_CELL)
+    run_pytest(session, "cpu", "family_learning and not slow")
 
 
 @nox.session(python=MINIMUMS_CELL.python, tags=["minimums"])

@@ -21,6 +21,8 @@ else:
     torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.pytorch  # the torch session runs this marker
+
 # fixture model, task, the Transformers PyTorch auto class of that task
 CASES = [
     ("tiny-bert", "sequence-classification", "AutoModelForSequenceClassification"),
