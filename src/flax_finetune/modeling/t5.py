@@ -1,6 +1,12 @@
-"""T5 for conditional generation (T5 v1.0: ReLU, tied embeddings; T5 v1.1: gated GELU, separate lm_head).
+"""T5, mT5 and UMT5 for conditional generation, one implementation configured per model type.
 
-The parameter tree is that of Transformers 4.x `FlaxT5ForConditionalGeneration`:
+- `t5`: T5 v1.0 (ReLU, tied embeddings) or T5 v1.1 (gated GELU, separate lm_head), as the config says;
+- `mt5`: T5 v1.1 under another name (always a separate lm_head, see `ties_output_to_embedding`);
+- `umt5`: T5 v1.1 where every block owns its relative position table (`VARIANTS`).
+
+The parameter tree is that of Transformers 4.x `FlaxT5ForConditionalGeneration` (and
+`FlaxMT5ForConditionalGeneration`, the same class); its PyTorch names are those of
+`T5/MT5/UMT5ForConditionalGeneration`:
 
     shared/embedding                                          [vocab, d_model]
     encoder/block/<i>/layer/0/{layer_norm, SelfAttention}     self-attention sublayer
@@ -11,8 +17,9 @@ The parameter tree is that of Transformers 4.x `FlaxT5ForConditionalGeneration`:
     {encoder,decoder}/final_layer_norm/weight
     lm_head/kernel                                            only when embeddings are not tied
 
-Only block 0 of each stack owns `SelfAttention/relative_attention_bias`; the bias it
-computes (with the attention mask folded in) is reused by every later block.
+In T5 and mT5 only block 0 of each stack owns `SelfAttention/relative_attention_bias`; the
+bias it computes (with the attention mask folded in) is reused by every later block. In UMT5
+every block owns one and computes its own bias.
 
 Besides `__call__` (teacher-forced logits), the module has `encode`, `decode`,
 `init_decoding_state` and `decode_step`, used through `module.apply(..., method=...)`,
@@ -22,6 +29,7 @@ token per step against a key/value cache.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -340,16 +348,24 @@ class T5BlockEntry(nn.Module):
 
 
 class T5Blocks(nn.Module):
-    """`block`: the stack's blocks, named "0", "1", ...; only block 0 owns the relative position table."""
+    """`block`: the stack's blocks, named "0", "1", ...; block 0 (every block with
+    `relative_bias_per_layer`) owns a relative position table."""
 
     config: Any
     causal: bool = False
     num_layers: int = 1
+    relative_bias_per_layer: bool = False
     dtype: Any = jnp.float32
 
     def setup(self):
         self.blocks = [
-            T5BlockEntry(self.config, self.causal, has_relative_attention_bias=(i == 0), dtype=self.dtype, name=str(i))
+            T5BlockEntry(
+                self.config,
+                self.causal,
+                has_relative_attention_bias=self.relative_bias_per_layer or i == 0,
+                dtype=self.dtype,
+                name=str(i),
+            )
             for i in range(self.num_layers)
         ]
 
@@ -362,6 +378,8 @@ class T5Blocks(nn.Module):
         position_bias = None
         new_caches = []
         for i, block in enumerate(self.blocks):
+            if self.relative_bias_per_layer:
+                position_bias = None  # each block computes its own from its table
             hidden, position_bias, cache = block(
                 hidden,
                 position_bias=position_bias,
@@ -382,10 +400,13 @@ class T5Stack(nn.Module):
     config: Any
     causal: bool = False
     num_layers: int = 1
+    relative_bias_per_layer: bool = False
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.block = T5Blocks(self.config, self.causal, self.num_layers, dtype=self.dtype)
+        self.block = T5Blocks(
+            self.config, self.causal, self.num_layers, self.relative_bias_per_layer, dtype=self.dtype
+        )
         self.final_layer_norm = T5LayerNorm(self.config.layer_norm_epsilon, dtype=self.dtype)
         self.dropout = nn.Dropout(self.config.dropout_rate)
 
@@ -444,27 +465,61 @@ class T5Stack(nn.Module):
         return self.dropout(hidden, deterministic=deterministic), caches
 
 
-register_family("t5", Family(base_prefix="transformer"))
+@dataclass(frozen=True)
+class Variant:
+    """What sets a T5-family model type apart from T5.
+
+    relative_bias_per_layer: every block owns a relative position table (UMT5), not only block 0.
+    separate_lm_head: always an lm_head of its own, whatever the config says (mT5: Transformers 5
+    forces its `tie_word_embeddings` to True, yet reads every mT5 checkpoint's lm_head and never
+    rescales the decoder output).
+    """
+
+    relative_bias_per_layer: bool = False
+    separate_lm_head: bool = False
 
 
-@register("t5", "seq2seq-lm")
+VARIANTS = {
+    "t5": Variant(),
+    "mt5": Variant(separate_lm_head=True),
+    "umt5": Variant(relative_bias_per_layer=True),
+}
+
+
+def ties_output_to_embedding(config) -> bool:
+    """Whether logits come from the shared embedding (rescaled by d_model ** -0.5) instead of an lm_head.
+
+    Transformers 4 says so with `tie_word_embeddings`; Transformers 5 forces that to True for the
+    T5 family and keeps the checkpoint's setting as `scale_decoder_outputs` (T5, UMT5).
+    """
+    if VARIANTS[config.model_type].separate_lm_head:
+        return False
+    return bool(getattr(config, "scale_decoder_outputs", config.tie_word_embeddings))
+
+
+# Checkpoints of the original T5 release hold a cross-attention position table that no model uses.
+UNUSED_PYTORCH_KEYS = ("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight",)
+
+
 class T5ForConditionalGeneration(nn.Module):
-    """T5 encoder-decoder with a language-model head; `dtype` is the computation dtype (params stay float32)."""
+    """T5 / mT5 / UMT5 encoder-decoder with a language-model head (the variant follows `config.model_type`);
+    `dtype` is the computation dtype (params stay float32)."""
 
     config: Any
     dtype: Any = jnp.float32
 
     def setup(self):
         config = self.config
+        per_layer = VARIANTS[config.model_type].relative_bias_per_layer
         self.shared = nn.Embed(
             config.vocab_size,
             config.d_model,
             embedding_init=nn.initializers.normal(config.initializer_factor),
             dtype=self.dtype,
         )
-        self.encoder = T5Stack(config, causal=False, num_layers=config.num_layers, dtype=self.dtype)
-        self.decoder = T5Stack(config, causal=True, num_layers=config.num_decoder_layers, dtype=self.dtype)
-        if not config.tie_word_embeddings:
+        self.encoder = T5Stack(config, False, config.num_layers, per_layer, dtype=self.dtype)
+        self.decoder = T5Stack(config, True, config.num_decoder_layers, per_layer, dtype=self.dtype)
+        if not ties_output_to_embedding(config):
             self.lm_head = nn.Dense(
                 config.vocab_size,
                 use_bias=False,
@@ -518,7 +573,7 @@ class T5ForConditionalGeneration(nn.Module):
 
     def _logits(self, hidden):
         """hidden [..., d_model] -> float32 logits [..., vocab]."""
-        if self.config.tie_word_embeddings:
+        if ties_output_to_embedding(self.config):
             # Mesh TensorFlow's rescaling before the projection on the shared embedding.
             return self.shared.attend(hidden * (self.config.d_model**-0.5)).astype(jnp.float32)
         return self.lm_head(hidden).astype(jnp.float32)
@@ -560,3 +615,8 @@ class T5ForConditionalGeneration(nn.Module):
             cross_keys_values=state["encoder"]["keys_values"],
         )
         return self._logits(hidden[:, 0]), {**state, "position": position + 1, "cache": cache}
+
+
+for _model_type in VARIANTS:
+    register_family(_model_type, Family(base_prefix="transformer", skipped_pytorch_keys=UNUSED_PYTORCH_KEYS))
+    register(_model_type, "seq2seq-lm")(T5ForConditionalGeneration)
