@@ -348,17 +348,25 @@ SMOKE_SCRIPTS = {
         "--max_target_length", "24"]),
 }
 SMOKE_BATCH = 8
+# How far the loss must fall in the smoke, per task: the mean of the last three logged losses must be
+# below this fraction of the first. One batch seen again each step is memorised (tiny-bert text
+# classification: 0.70 -> 0.12 in 30 steps at 1e-3; a model that learns nothing stays near 0.69),
+# except in masked LM, whose script masks other tokens at every step: there the loss falls from about
+# ln(vocabulary) (6.2-6.4 for the fixtures) toward the unigram level (measured at 5e-3, mean of the
+# last three over the first: tiny-bert 0.63, tiny-roberta 0.71, tiny-modernbert 0.76).
+SMOKE_FALL = {"masked-lm": 0.85}
+SMOKE_LEARNING_RATE = {"masked-lm": 5e-3}
 
 
-def smoke_losses(task: str, fixture: Path, tmp_path: Path, *, steps: int = 30, learning_rate: float = 1e-3,
+def smoke_losses(task: str, fixture: Path, tmp_path: Path, *, steps: int = 30, learning_rate: Optional[float] = None,
                  extra: tuple = ()) -> list[float]:
     """Train `fixture` with `task`'s script for `steps` steps on one batch of 8 examples, seen again
     each step (--max_train_samples 8 = one batch per epoch); return the logged training losses.
 
     Asserts that the script logged one finite loss per step and that the last three average under
-    half the first: the model memorises its batch, so the script's inputs, loss, gradients and
-    optimizer all work with this family (measured with tiny-bert on text classification: 0.70 ->
-    0.12 in 30 steps at 1e-3; a model that learns nothing stays near 0.69)."""
+    `SMOKE_FALL` of the first (half, for most tasks): the script's inputs, loss, gradients and
+    optimizer all work with this family. `learning_rate`: 1e-3 unless the task has its own."""
+    learning_rate = learning_rate or SMOKE_LEARNING_RATE.get(task, 1e-3)
     script, data = SMOKE_SCRIPTS[task]
     output = tmp_path / f"smoke-{task}"
     load_script(script).main([
@@ -370,5 +378,5 @@ def smoke_losses(task: str, fixture: Path, tmp_path: Path, *, steps: int = 30, l
     losses = [record["train_loss"] for record in read_log(output) if "train_loss" in record]
     assert len(losses) == steps, losses
     assert np.all(np.isfinite(losses)), losses
-    assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
+    assert np.mean(losses[-3:]) < SMOKE_FALL.get(task, 0.5) * losses[0], losses
     return losses
