@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune a sequence-to-sequence model (T5, BART) for summarization with Flax.
+"""Fine-tune a sequence-to-sequence model (T5, BART, mBART, Pegasus, Marian) for summarization with Flax.
 
 Data: CSV or JSON Lines with a document and a summary column (--text_column /
 --summary_column; by default the first of document, text, article, dialogue
@@ -8,7 +8,8 @@ and of summary, highlights, else the first two columns). With
 (greedy, or beam search with --num_beams) and score them with ROUGE-1/2/L/Lsum
 (x100, stemmed; Lsum on sentences split offline) and gen_len. Writes
 eval_results.json and test_results.json, and with --do_predict the
-summaries, one per line, to generated_predictions.txt.
+summaries, one per line, to generated_predictions.txt. --source_lang / --target_lang set the
+language codes of mBART and multi-target Marian tokenizers (see seq2seq.language_settings).
 
     python examples/summarization/run_summarization_flax.py \\
         --model_name_or_path fixtures/models/tiny-t5 --output_dir out \\
@@ -43,6 +44,14 @@ class SummarizationDataArguments(DataArguments):
     val_max_target_length: Optional[int] = arg(
         None, "Summary tokens kept for evaluation and prediction, and the generation limit (default: --max_target_length)."
     )
+    source_lang: Optional[str] = arg(None, "Language code of the documents, for mBART tokenizers (e.g. en_XX).")
+    target_lang: Optional[str] = arg(
+        None, "Language code of the summaries: mBART (e.g. de_DE: the tokenizer's target language, the decoder "
+        "start or the first generated token), Marian with several targets (e.g. fr: >>fr<< before each document)."
+    )
+    forced_bos_token: Optional[str] = arg(
+        None, "Token forced as the first generated token (e.g. mBART-50's target language code)."
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -74,13 +83,18 @@ def main(argv=None):
     for split, dataset in splits.items():
         scripts.require_columns(dataset, [text_column, summary_column], data_args, split)
     tokenizer = run.tokenizer(model_args)
+    languages = seq2seq.language_settings(
+        tokenizer, data_args.source_lang, data_args.target_lang, data_args.forced_bos_token
+    )
+    source_prefix = languages.pop("source_prefix", "") + data_args.source_prefix
     config = run.config(model_args, tokenizer)
-    start_id = seq2seq.decoder_start_token_id(config)
+    start_id = languages.get("decoder_start_token_id", None)
+    start_id = seq2seq.decoder_start_token_id(config) if start_id is None else start_id
     target_lengths = {"train": data_args.max_target_length}
 
     def tokenizer_for(split):
         def tokenize(batch):
-            documents = [data_args.source_prefix + str(text) for text in batch[text_column]]
+            documents = [source_prefix + str(text) for text in batch[text_column]]
             encoded = tokenizer(documents, truncation=True, max_length=data_args.max_source_length)
             targets = tokenizer(
                 text_target=[str(text) for text in batch[summary_column]],
@@ -107,6 +121,7 @@ def main(argv=None):
     generation = seq2seq.generation_options(
         model, seq2seq.target_length_limit(data_args.val_max_target_length, config), seq2seq_args.num_beams
     )
+    generation.update(languages)
 
     def target_losses(params, batch, weights, **kwargs):
         """Per-example label-smoothed loss sums and target token counts, both [batch]."""

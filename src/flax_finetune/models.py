@@ -94,7 +94,7 @@ class Model:
         self.config.save_pretrained(directory)
         if self.generation_config is not None and _is_encoder_decoder(self.config):
             self.generation_config.save_pretrained(directory)
-        checkpoint_io.write_safetensors(jax.device_get(params), directory, self.config.model_type)
+        checkpoint_io.write_safetensors(jax.device_get(params), directory, self.config.model_type, config=self.config)
 
 
 def _is_encoder_decoder(config: Any) -> bool:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import flax
 
@@ -54,12 +54,16 @@ class Family:
         shares with another (a tied output projection): skipped on reading, not unexpected.
     skipped_pytorch_keys: ends of PyTorch keys that are buffers or constants here (fixed sinusoidal
         positions, rotary caches): skipped on reading.
+    pytorch_constants: config -> {PyTorch key below the base model: array}, constants that are no
+        parameters here but that Transformers' PyTorch class reports missing when a checkpoint lacks
+        them (Pegasus' sinusoidal positions): written with the parameters when the config is known.
     """
 
     base_prefix: str
     pytorch_renames: Mapping[str, str] = field(default_factory=dict)
     tied_pytorch_keys: tuple[str, ...] = ()
     skipped_pytorch_keys: tuple[str, ...] = ()
+    pytorch_constants: Optional[Callable[[Any], Mapping[str, Any]]] = None
 
 
 FAMILIES: dict[str, Family] = {}

@@ -114,17 +114,27 @@ def flax_to_pytorch(params: Any, model_type: Optional[str] = None) -> dict[str, 
     }
 
 
-def write_safetensors(params: Any, folder: str | os.PathLike, model_type: Optional[str] = None) -> Path:
+def write_safetensors(
+    params: Any, folder: str | os.PathLike, model_type: Optional[str] = None, config: Any = None
+) -> Path:
     """Write `params` to `folder/model.safetensors` in the PyTorch layout; returns the file's path.
 
     Tied weights are written once, under the Flax tree's name (e.g. GPT-2's `transformer.wte.weight`,
     no `lm_head.weight`), as Transformers' PyTorch `save_pretrained` does: its classes tie them
-    again on loading. The file is replaced atomically."""
+    again on loading. With the model's `config`, the family's `pytorch_constants` are written too
+    (under the base model's prefix where the parameters have it). The file is replaced atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / SAFETENSORS_NAME
     partial = folder / (SAFETENSORS_NAME + ".partial")
-    save_file(flax_to_pytorch(params, model_type), str(partial), metadata={"format": "pt"})
+    state_dict = flax_to_pytorch(params, model_type)
+    declared = family(model_type) if model_type else None
+    if config is not None and declared is not None and declared.pytorch_constants is not None:
+        prefixed = any(key.startswith(declared.base_prefix + ".") for key in state_dict)
+        start = declared.base_prefix + "." if prefixed else ""
+        for key, array in declared.pytorch_constants(config).items():
+            state_dict[start + key] = np.asarray(array, np.float32)
+    save_file(state_dict, str(partial), metadata={"format": "pt"})
     os.replace(partial, target)
     return target
 

@@ -421,3 +421,13 @@ def _beam_search(module, params, inputs, options: GenerationOptions):
     any_finished = jnp.any(finished, axis=1)
     best = jnp.where(any_finished[:, None], sequences[:, 0], running_sequences[:, 0])
     return best
+
+
+def update_cache(cache: dict, keys, values, position) -> dict:
+    """Write this step's keys and values [batch, steps, heads, head_dim] into a decoder layer's
+    cache {"key", "value"} [batch, max_length, heads, head_dim] at `position`; returns the new cache."""
+    start = (0, position, 0, 0)
+    return {
+        "key": jax.lax.dynamic_update_slice(cache["key"], keys.astype(cache["key"].dtype), start),
+        "value": jax.lax.dynamic_update_slice(cache["value"], values.astype(cache["value"].dtype), start),
+    }
