@@ -59,16 +59,26 @@ def majority_class_scores(train, validation) -> dict:
             "eval_f1": metrics.binary_f1(predictions, references, positive=1)}
 
 
-def test_fine_tuning_learns_sentence_pairs_with_string_labels(tmp_path):
-    starting_command = paraphrase_command(tmp_path / "start")
+def assert_paraphrase_learned(tmp_path, model: str = "tiny-bert", learning_rate: str = "1e-4") -> dict:
+    """Run the paraphrase command from `model` (fixture name) and show that it learned: the majority
+    class and the starting checkpoint (evaluated without a training file) fail PAIR_BARS, the trained
+    run passes them with margins. Every model family's learning check uses it. Returns the trained results."""
+    starting_command = paraphrase_command(tmp_path / "start", model)
     del starting_command[starting_command.index("--train_file"):starting_command.index("--train_file") + 2]
     glue().main(starting_command + ["--do_eval"])  # without a training file: evaluation only
-    glue().main(paraphrase_command(tmp_path / "trained"))
+    trained_command = paraphrase_command(tmp_path / "trained", model)
+    trained_command[trained_command.index("--learning_rate=1e-4")] = f"--learning_rate={learning_rate}"
+    glue().main(trained_command)
 
     baseline = majority_class_scores(labels(DATA / "paraphrase" / "train.csv"), labels(DATA / "paraphrase" / "validation.csv"))
     trained = read_results(tmp_path / "trained")
     assert_fine_tuning_learned(PAIR_BARS, {"eval_loss": 0.1, "eval_accuracy": 0.25}, baseline=baseline,
                                starting=read_results(tmp_path / "start"), trained=trained)
+    return trained
+
+
+def test_fine_tuning_learns_sentence_pairs_with_string_labels(tmp_path):
+    trained = assert_paraphrase_learned(tmp_path)
     assert trained["eval_samples"] == 24
     evaluations = [record for record in read_log(tmp_path / "trained") if "eval_accuracy" in record]
     assert [record["step"] for record in evaluations[:3]] == [50, 100, 150]  # --eval_steps=50 honoured
