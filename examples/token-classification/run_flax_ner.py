@@ -26,7 +26,7 @@ from flax_finetune.arguments import DataArguments, ModelArguments, TrainingArgum
 from flax_finetune.errors import InputError, run_cli
 
 # Byte-level BPE tokenizers need a space before words given one by one.
-PREFIX_SPACE_MODELS = ("roberta", "gpt2", "bart", "longformer", "deberta")
+PREFIX_SPACE_MODELS = ("roberta", "roberta-prelayernorm", "gpt2", "bart", "longformer", "deberta")
 
 
 @dataclasses.dataclass

@@ -4,7 +4,11 @@ Parameter trees follow Transformers 4.x (FlaxBertFor*/FlaxRobertaFor*), so a
 `flax_model.msgpack` written by those classes loads unchanged. RoBERTa is the
 same encoder with two differences: position ids start after the padding id
 (padding tokens keep the padding position), and its sequence-classification
-and masked-LM heads have their own layouts.
+and masked-LM heads have their own layouts. XLM-RoBERTa is RoBERTa under
+another model type. RoBERTa-PreLayerNorm (FlaxRobertaPreLayerNormFor*) is
+RoBERTa with each sub-block's LayerNorm moved before it and one more LayerNorm
+after the last layer (`pre_layer_norm`). ELECTRA (electra.py) reuses the
+encoder with embeddings narrower than it (`factorised_embeddings`).
 
 Shapes: B batch, L sequence length, H hidden size, N heads, D head size
 (H = N * D), V vocabulary, C labels.
@@ -132,15 +136,20 @@ def _split_span_logits(logits: Array, num_labels: int) -> Output:
 
 
 class BertEmbeddings(nn.Module):
-    """Word + position + token-type embeddings, LayerNorm, dropout: ids [B, L] -> [B, L, H]."""
+    """Word + position + token-type embeddings, LayerNorm, dropout: ids [B, L] -> [B, L, E].
+
+    E is `width`, by default the hidden size H.
+    """
 
     config: Any
     dtype: Any = jnp.float32
+    width: Optional[int] = None
 
     @nn.compact
     def __call__(self, input_ids, token_type_ids, position_ids, deterministic: bool) -> Array:
         config = self.config
-        embed = partial(nn.Embed, features=config.hidden_size, embedding_init=_normal(config), dtype=self.dtype)
+        features = self.width or config.hidden_size
+        embed = partial(nn.Embed, features=features, embedding_init=_normal(config), dtype=self.dtype)
         hidden = (
             embed(config.vocab_size, name="word_embeddings")(input_ids)
             + embed(config.type_vocab_size, name="token_type_embeddings")(token_type_ids)
@@ -178,41 +187,59 @@ class BertSelfAttention(nn.Module):
         return context.reshape(context.shape[:2] + (-1,))
 
 
+def _layer_norm(config, dtype: Any) -> nn.LayerNorm:
+    """The LayerNorm every sub-block uses, named "LayerNorm" as in Transformers."""
+    return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=dtype, name="LayerNorm")
+
+
 class DenseResidualNorm(nn.Module):
-    """dense -> dropout -> LayerNorm(x + residual): the end of both sub-blocks of a BERT layer."""
+    """dense -> dropout -> + residual, then LayerNorm unless `pre_layer_norm`: the end of both sub-blocks of a layer.
+
+    Post-LayerNorm (BERT) normalises the sum here; pre-LayerNorm normalises each sub-block's input instead.
+    """
 
     config: Any
     dtype: Any = jnp.float32
+    pre_layer_norm: bool = False
 
     @nn.compact
     def __call__(self, hidden: Array, residual: Array, deterministic: bool) -> Array:
         config = self.config
         hidden = nn.Dense(config.hidden_size, dtype=self.dtype, kernel_init=_normal(config), name="dense")(hidden)
-        hidden = nn.Dropout(config.hidden_dropout_prob)(hidden, deterministic=deterministic)
-        return nn.LayerNorm(epsilon=config.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(hidden + residual)
+        hidden = nn.Dropout(config.hidden_dropout_prob)(hidden, deterministic=deterministic) + residual
+        return hidden if self.pre_layer_norm else _layer_norm(config, self.dtype)(hidden)
 
 
 class BertAttention(nn.Module):
-    """Self-attention sub-block (post-LayerNorm): [B, L, H] -> [B, L, H]."""
+    """Self-attention sub-block: [B, L, H] -> [B, L, H]; LayerNorm after it, or before it with `pre_layer_norm`."""
 
     config: Any
     dtype: Any = jnp.float32
+    pre_layer_norm: bool = False
 
     @nn.compact
     def __call__(self, hidden: Array, mask: Optional[Array], deterministic: bool) -> Array:
-        context = BertSelfAttention(self.config, self.dtype, name="self")(hidden, mask, deterministic)
-        return DenseResidualNorm(self.config, self.dtype, name="output")(context, hidden, deterministic)
+        normed = _layer_norm(self.config, self.dtype)(hidden) if self.pre_layer_norm else hidden
+        context = BertSelfAttention(self.config, self.dtype, name="self")(normed, mask, deterministic)
+        output = DenseResidualNorm(self.config, self.dtype, self.pre_layer_norm, name="output")
+        return output(context, hidden, deterministic)
 
 
 class BertIntermediate(nn.Module):
-    """Feed-forward expansion with the config's activation: [B, L, H] -> [B, L, intermediate_size]."""
+    """Feed-forward expansion with the config's activation: [B, L, H] -> [B, L, intermediate_size].
+
+    With `pre_layer_norm` its input is normalised first (the feed-forward sub-block's LayerNorm).
+    """
 
     config: Any
     dtype: Any = jnp.float32
+    pre_layer_norm: bool = False
 
     @nn.compact
     def __call__(self, hidden: Array) -> Array:
         config = self.config
+        if self.pre_layer_norm:
+            hidden = _layer_norm(config, self.dtype)(hidden)
         hidden = nn.Dense(config.intermediate_size, dtype=self.dtype, kernel_init=_normal(config), name="dense")(
             hidden
         )
@@ -224,12 +251,14 @@ class BertLayer(nn.Module):
 
     config: Any
     dtype: Any = jnp.float32
+    pre_layer_norm: bool = False
 
     @nn.compact
     def __call__(self, hidden: Array, mask: Optional[Array], deterministic: bool) -> Array:
-        attended = BertAttention(self.config, self.dtype, name="attention")(hidden, mask, deterministic)
-        expanded = BertIntermediate(self.config, self.dtype, name="intermediate")(attended)
-        return DenseResidualNorm(self.config, self.dtype, name="output")(expanded, attended, deterministic)
+        blocks = (self.config, self.dtype, self.pre_layer_norm)
+        attended = BertAttention(*blocks, name="attention")(hidden, mask, deterministic)
+        expanded = BertIntermediate(*blocks, name="intermediate")(attended)
+        return DenseResidualNorm(*blocks, name="output")(expanded, attended, deterministic)
 
 
 class BertLayerStack(nn.Module):
@@ -237,11 +266,13 @@ class BertLayerStack(nn.Module):
 
     config: Any
     dtype: Any = jnp.float32
+    pre_layer_norm: bool = False
 
     @nn.compact
     def __call__(self, hidden: Array, mask: Optional[Array], deterministic: bool) -> Array:
         for index in range(self.config.num_hidden_layers):
-            hidden = BertLayer(self.config, self.dtype, name=str(index))(hidden, mask, deterministic)
+            layer = BertLayer(self.config, self.dtype, self.pre_layer_norm, name=str(index))
+            hidden = layer(hidden, mask, deterministic)
         return hidden
 
 
@@ -250,10 +281,12 @@ class BertEncoder(nn.Module):
 
     config: Any
     dtype: Any = jnp.float32
+    pre_layer_norm: bool = False
 
     @nn.compact
     def __call__(self, hidden: Array, mask: Optional[Array], deterministic: bool) -> Array:
-        return BertLayerStack(self.config, self.dtype, name="layer")(hidden, mask, deterministic)
+        stack = BertLayerStack(self.config, self.dtype, self.pre_layer_norm, name="layer")
+        return stack(hidden, mask, deterministic)
 
 
 class BertPooler(nn.Module):
@@ -278,13 +311,19 @@ class BertModel(nn.Module):
     """The encoder: ids [B, L] -> (hidden states [B, L, H], pooled [B, H] or None).
 
     `roberta` switches the default position ids to RoBERTa's; `with_pooler`
-    adds the pooler (the BERT sequence classifier uses it).
+    adds the pooler (the BERT sequence classifier uses it); `pre_layer_norm`
+    normalises each sub-block's input and adds a final `LayerNorm` after the
+    last layer (RoBERTa-PreLayerNorm); `factorised_embeddings` makes the
+    embeddings `config.embedding_size` wide, projected up to H by
+    `embeddings_project` where the widths differ (ELECTRA).
     """
 
     config: Any
     dtype: Any = jnp.float32
     with_pooler: bool = False
     roberta: bool = False
+    pre_layer_norm: bool = False
+    factorised_embeddings: bool = False
 
     @nn.compact
     def __call__(
@@ -303,12 +342,19 @@ class BertModel(nn.Module):
                 position_ids = roberta_position_ids(input_ids, self.config.pad_token_id)
             else:
                 position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-        hidden = BertEmbeddings(self.config, self.dtype, name="embeddings")(
+        config = self.config
+        width = config.embedding_size if self.factorised_embeddings else config.hidden_size
+        hidden = BertEmbeddings(config, self.dtype, width, name="embeddings")(
             input_ids, jnp.asarray(token_type_ids, jnp.int32), jnp.asarray(position_ids, jnp.int32), deterministic
         )
-        hidden = BertEncoder(self.config, self.dtype, name="encoder")(
+        if width != config.hidden_size:
+            hidden = nn.Dense(config.hidden_size, dtype=self.dtype, kernel_init=_normal(config),
+                              name="embeddings_project")(hidden)
+        hidden = BertEncoder(config, self.dtype, self.pre_layer_norm, name="encoder")(
             hidden, padding_mask(attention_mask), deterministic
         )
+        if self.pre_layer_norm:
+            hidden = _layer_norm(config, self.dtype)(hidden)
         pooled = BertPooler(self.config, self.dtype, name="pooler")(hidden) if self.with_pooler else None
         return hidden, pooled
 
@@ -327,10 +373,20 @@ class _Encoder(nn.Module):
     dtype: Any = jnp.float32
 
     prefix = "bert"  # the name of the encoder in the parameter tree
-    roberta = False
+    roberta = False  # see BertModel for these switches
+    pre_layer_norm = False
+    factorised_embeddings = False
 
     def encoder(self, with_pooler: bool = False) -> BertModel:
-        return BertModel(self.config, self.dtype, with_pooler=with_pooler, roberta=self.roberta, name=self.prefix)
+        return BertModel(
+            self.config,
+            self.dtype,
+            with_pooler=with_pooler,
+            roberta=self.roberta,
+            pre_layer_norm=self.pre_layer_norm,
+            factorised_embeddings=self.factorised_embeddings,
+            name=self.prefix,
+        )
 
     def tied_embedding(self, encoder: BertModel) -> Optional[Array]:
         return encoder.word_embedding() if self.config.tie_word_embeddings else None
@@ -378,6 +434,8 @@ class _QuestionAnswering(_Encoder):
 
 register_family("bert", Family(base_prefix="bert"))
 register_family("roberta", Family(base_prefix="roberta"))
+register_family("xlm-roberta", Family(base_prefix="roberta"))
+register_family("roberta-prelayernorm", Family(base_prefix="roberta_prelayernorm"))
 
 
 @register("bert", "sequence-classification")
@@ -396,16 +454,22 @@ class BertForQuestionAnswering(_QuestionAnswering):
 
 
 class BertPredictionTransform(nn.Module):
-    """dense -> config activation -> LayerNorm: [B, L, H] -> [B, L, H]."""
+    """dense -> activation -> LayerNorm: [B, L, H] -> [B, L, W].
+
+    W is `width` (default H), the activation `activation_name` (default the config's
+    `hidden_act`); ELECTRA's generator head is this transform to its embedding width with GELU.
+    """
 
     config: Any
     dtype: Any = jnp.float32
+    width: Optional[int] = None
+    activation_name: Optional[str] = None
 
     @nn.compact
     def __call__(self, hidden: Array) -> Array:
-        hidden = nn.Dense(self.config.hidden_size, dtype=self.dtype, name="dense")(hidden)
-        hidden = activation(self.config.hidden_act)(hidden)
-        return nn.LayerNorm(epsilon=self.config.layer_norm_eps, dtype=self.dtype, name="LayerNorm")(hidden)
+        hidden = nn.Dense(self.width or self.config.hidden_size, dtype=self.dtype, name="dense")(hidden)
+        hidden = activation(self.activation_name or self.config.hidden_act)(hidden)
+        return _layer_norm(self.config, self.dtype)(hidden)
 
 
 class BertPredictions(nn.Module):
@@ -460,10 +524,14 @@ class _Roberta:
 
 
 class RobertaClassificationHead(nn.Module):
-    """First token -> dropout -> dense -> tanh -> dropout -> `out_proj`: [B, L, H] -> [B, C]."""
+    """First token -> dropout -> dense -> `activation_name` -> dropout -> `out_proj`: [B, L, H] -> [B, C].
+
+    RoBERTa's activation is tanh; ELECTRA's head is the same with the exact GELU.
+    """
 
     config: Any
     dtype: Any = jnp.float32
+    activation_name: str = "tanh"
 
     @nn.compact
     def __call__(self, hidden: Array, deterministic: bool) -> Array:
@@ -471,28 +539,34 @@ class RobertaClassificationHead(nn.Module):
         dropout = nn.Dropout(_classifier_dropout(config))
         hidden = dropout(hidden[:, 0], deterministic=deterministic)
         hidden = nn.Dense(config.hidden_size, dtype=self.dtype, kernel_init=_normal(config), name="dense")(hidden)
-        hidden = dropout(jnp.tanh(hidden), deterministic=deterministic)
+        hidden = dropout(activation(self.activation_name)(hidden), deterministic=deterministic)
         return nn.Dense(config.num_labels, dtype=self.dtype, kernel_init=_normal(config), name="out_proj")(hidden)
 
 
+@register("xlm-roberta", "sequence-classification")
 @register("roberta", "sequence-classification")
 class RobertaForSequenceClassification(_Roberta, _Encoder):
     """`classifier` (dense, out_proj) on the first token. Logits [B, C] (float32)."""
+
+    classifier_activation = "tanh"  # the head's activation between its two layers
 
     @nn.compact
     def __call__(
         self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, deterministic: bool = True
     ) -> Output:
         hidden, _ = self.encoder()(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
-        logits = RobertaClassificationHead(self.config, self.dtype, name="classifier")(hidden, deterministic)
+        head = RobertaClassificationHead(self.config, self.dtype, self.classifier_activation, name="classifier")
+        logits = head(hidden, deterministic)
         return Output(logits=logits.astype(jnp.float32))
 
 
+@register("xlm-roberta", "token-classification")
 @register("roberta", "token-classification")
 class RobertaForTokenClassification(_Roberta, _TokenClassification):
     pass
 
 
+@register("xlm-roberta", "question-answering")
 @register("roberta", "question-answering")
 class RobertaForQuestionAnswering(_Roberta, _QuestionAnswering):
     pass
@@ -516,6 +590,7 @@ class RobertaLMHead(nn.Module):
         return decode_to_vocab(self, hidden, tied_embedding, config.vocab_size, self.dtype, _normal(config))
 
 
+@register("xlm-roberta", "masked-lm")
 @register("roberta", "masked-lm")
 class RobertaForMaskedLM(_Roberta, _Encoder):
     """`lm_head` over every token. Logits [B, L, V] (float32); tied to the word embeddings by default."""
@@ -528,3 +603,33 @@ class RobertaForMaskedLM(_Roberta, _Encoder):
         hidden, _ = encoder(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
         logits = RobertaLMHead(self.config, self.dtype, name="lm_head")(hidden, self.tied_embedding(encoder))
         return Output(logits=logits.astype(jnp.float32))
+
+
+# --------------------------------------------------------------------------- RoBERTa-PreLayerNorm
+
+
+class _RobertaPreLayerNorm:
+    """Mixin: RoBERTa's encoder and heads, pre-LayerNorm, named "roberta_prelayernorm"."""
+
+    prefix = "roberta_prelayernorm"
+    pre_layer_norm = True
+
+
+@register("roberta-prelayernorm", "sequence-classification")
+class RobertaPreLayerNormForSequenceClassification(_RobertaPreLayerNorm, RobertaForSequenceClassification):
+    pass
+
+
+@register("roberta-prelayernorm", "token-classification")
+class RobertaPreLayerNormForTokenClassification(_RobertaPreLayerNorm, RobertaForTokenClassification):
+    pass
+
+
+@register("roberta-prelayernorm", "question-answering")
+class RobertaPreLayerNormForQuestionAnswering(_RobertaPreLayerNorm, RobertaForQuestionAnswering):
+    pass
+
+
+@register("roberta-prelayernorm", "masked-lm")
+class RobertaPreLayerNormForMaskedLM(_RobertaPreLayerNorm, RobertaForMaskedLM):
+    pass
