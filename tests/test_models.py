@@ -11,17 +11,23 @@ from flax_finetune import models
 from flax_finetune.errors import InputError
 
 
+ENCODERS = ["albert", "bert", "deberta-v2", "distilbert", "electra", "modernbert", "roberta", "roberta-prelayernorm",
+            "roformer", "xlm-roberta"]
+
+
 def test_every_script_architecture_is_implemented():
-    assert models.supported("sequence-classification") == ["bert", "distilbert", "roberta"]
+    assert models.supported("sequence-classification") == sorted(ENCODERS + ["bart"])
+    for task in ("token-classification", "question-answering", "masked-lm"):
+        assert models.supported(task) == ENCODERS
     assert models.supported("causal-lm") == ["gpt2"]
-    assert models.supported("seq2seq-lm") == ["t5"]
+    assert models.supported("seq2seq-lm") == ["bart", "marian", "mbart", "mt5", "pegasus", "t5", "umt5"]
     assert models.supported("speech-seq2seq") == ["whisper"]
 
 
 def test_an_unsupported_architecture_lists_the_supported_ones():
     config = transformers.AutoConfig.for_model("xlnet")
     with pytest.raises(InputError, match="model type 'xlnet' is not supported for question-answering; "
-                                         "supported: bert, distilbert, roberta"):
+                                         f"supported: {', '.join(ENCODERS)}$"):
         models.from_config(config, "question-answering")
 
 

@@ -37,6 +37,13 @@ CASES = [
     ("tiny-gpt2", "causal-lm", "AutoModelForCausalLM"),
     ("tiny-t5", "seq2seq-lm", "AutoModelForSeq2SeqLM"),
     ("tiny-whisper", "speech-seq2seq", "AutoModelForSpeechSeq2Seq"),
+    # the families added by issue 14: each fixture in its main head
+    *[(fixture, "masked-lm", "AutoModelForMaskedLM") for fixture in (
+        "tiny-xlm-roberta", "tiny-roberta-prelayernorm", "tiny-electra", "tiny-albert", "tiny-roformer",
+        "tiny-deberta-v3", "tiny-modernbert")],
+    ("tiny-bart", "sequence-classification", "AutoModelForSequenceClassification"),
+    *[(fixture, "seq2seq-lm", "AutoModelForSeq2SeqLM") for fixture in (
+        "tiny-bart", "tiny-mbart", "tiny-pegasus", "tiny-marian", "tiny-mt5", "tiny-umt5")],
 ]
 
 
