@@ -43,9 +43,21 @@ def target_length_limit(requested: int, config: Any) -> int:
 
 
 def generation_options(model: Any, max_length: int, num_beams: Optional[int]) -> dict:
-    """Settings for `Model.generate`: the length limit, and beams (default: the model's own setting)."""
+    """Settings for `Model.generate`: the length limit, and beams (default: the model's own setting).
+
+    The model's generation config gives the rest (see generation.generation_kwargs): one that asks
+    for what generation does not do (sampling, repetition penalties...) is an InputError here,
+    before any training, rather than at the first evaluation.
+    """
+    from flax_finetune.modeling import generation
+
     beams = num_beams if num_beams is not None else (getattr(model.generation_config, "num_beams", None) or 1)
-    return {"max_length": max_length, "num_beams": beams}
+    options = {"max_length": max_length, "num_beams": beams}
+    try:
+        generation.generation_kwargs(model.generation_config, **options)
+    except ValueError as error:
+        raise InputError(f"the model's generation config: {error}") from None
+    return options
 
 
 def decode(tokenizer: Any, ids: np.ndarray) -> list[str]:

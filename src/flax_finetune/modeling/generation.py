@@ -12,7 +12,7 @@ A module used here provides, through `module.apply({"params": params}, ..., meth
 `lax.while_loop`; the whole of it is one `jax.jit` computation, compiled once per module,
 options and input shapes. The tokens are those of Transformers' FlaxGenerationMixin (greedy
 search and beam search, with its logits processors for min_length, forced BOS/EOS, suppressed
-tokens, tokens suppressed at the first free step, and forced decoder ids).
+tokens, tokens suppressed at the first free step, forced decoder ids and n-gram blocking).
 
 From a Transformers GenerationConfig:
 
@@ -54,6 +54,7 @@ class GenerationOptions:
     suppress_tokens: tuple = ()
     begin_suppress_tokens: tuple = ()
     forced_decoder_ids: tuple = ()  # ((position, token), ...)
+    no_repeat_ngram_size: int = 0
 
     @property
     def begin_index(self) -> int:
@@ -82,6 +83,7 @@ def generate(
     min_length: int = 0,
     forced_bos_token_id: Optional[int] = None,
     forced_eos_token_id: Optional[int] = None,
+    no_repeat_ngram_size: int = 0,
 ) -> jax.Array:
     """Generate token ids with an encoder-decoder `module` (see the module docstring).
 
@@ -94,6 +96,7 @@ def generate(
     forced_decoder_ids: (position, token) pairs; position p forces the token at index p of the
     output (Whisper's e.g. [(1, no_timestamps_id)]). suppress_tokens are never generated;
     begin_suppress_tokens not at the first position after the forced ones.
+    no_repeat_ngram_size n > 0: no n tokens (decoder start included) occur twice in a sequence.
     pad_token_id defaults to eos_token_id.
 
     Returns int32 [batch, max_length]: decoder_start_token_id, the generated tokens, and
@@ -123,6 +126,7 @@ def generate(
         suppress_tokens=tuple(int(t) for t in suppress_tokens or ()),
         begin_suppress_tokens=tuple(int(t) for t in begin_suppress_tokens or ()),
         forced_decoder_ids=tuple((int(p), None if t is None else int(t)) for p, t in forced_decoder_ids or ()),
+        no_repeat_ngram_size=int(no_repeat_ngram_size or 0),
     )
     return _compiled(module, options)(params, dict(inputs))
 
@@ -142,7 +146,29 @@ GENERATE_ARGUMENTS = (
     "min_length",
     "forced_bos_token_id",
     "forced_eos_token_id",
+    "no_repeat_ngram_size",
 )
+
+# GenerationConfig fields that change greedy or beam-search tokens, which `generate` does not do,
+# and the value that leaves them off (Transformers' Flax `generate` ignores them silently).
+UNSUPPORTED_SETTINGS = {
+    "do_sample": False,
+    "num_return_sequences": 1,
+    "return_timestamps": False,
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "encoder_no_repeat_ngram_size": 0,
+    "sequence_bias": None,
+    "force_words_ids": None,
+    "constraints": None,
+    "min_new_tokens": None,
+    "num_beam_groups": 1,
+    "penalty_alpha": None,
+    "exponential_decay_length_penalty": None,
+    "renormalize_logits": False,
+    "guidance_scale": 1.0,
+    "stop_strings": None,
+}
 
 
 def generation_kwargs(generation_config, **overrides) -> dict:
@@ -156,8 +182,12 @@ def generation_kwargs(generation_config, **overrides) -> dict:
     forced_decoder_ids (Whisper English-only: e.g. [[1, no_timestamps_id]]).
     A config's max_new_tokens gives max_length = max_new_tokens + 1 unless max_length is overridden.
 
-    Raises ValueError for what `generate` does not do: sampling, n-gram blocking, timestamps,
-    several sequences per input, and a language or task for a model that is not multilingual.
+    One-token bad_words_ids (opus-mt's [[pad_token_id]]) join suppress_tokens (Transformers' Flax
+    `generate` ignores them; PyTorch's bans them).
+
+    Raises ValueError for what `generate` does not do (UNSUPPORTED_SETTINGS: sampling, timestamps,
+    several sequences per input, repetition penalties, bad words of several tokens, forced words,
+    diverse or contrastive search...), and for a language or task of a model that is not multilingual.
     """
 
     overrides = {name: value for name, value in overrides.items() if value is not None}
@@ -167,17 +197,19 @@ def generation_kwargs(generation_config, **overrides) -> dict:
 
     language, task, return_timestamps = setting("language"), setting("task"), setting("return_timestamps")
     max_new_tokens = setting("max_new_tokens")
-    unsupported = {
-        "do_sample": bool(setting("do_sample")),
-        "no_repeat_ngram_size": (setting("no_repeat_ngram_size") or 0) > 0,
-        "num_return_sequences": (setting("num_return_sequences") or 1) > 1,
-        "return_timestamps": bool(return_timestamps),
-    }
-    requested = [name for name, value in unsupported.items() if value]
+    values = {name: setting(name) for name in UNSUPPORTED_SETTINGS if name != "return_timestamps"}
+    values["return_timestamps"] = return_timestamps
+    requested = [f"{name}={values[name]!r}" for name, off in UNSUPPORTED_SETTINGS.items()
+                 if values[name] is not None and values[name] != off and (off or values[name])]
+    bad_words = setting("bad_words_ids") or []
+    if any(len(words) != 1 for words in bad_words):
+        requested.append(f"bad_words_ids of several tokens {bad_words!r}")
     if requested:
-        raise ValueError(f"generation does not support {', '.join(requested)} (greedy and beam search, no timestamps)")
+        raise ValueError(f"generation does not support {', '.join(requested)} (greedy and beam search only)")
 
     kwargs = {name: getattr(generation_config, name, None) for name in GENERATE_ARGUMENTS}
+    if bad_words:  # one-token bad words (Marian's [[pad]]): never generated, as PyTorch's processor has it
+        kwargs["suppress_tokens"] = [*(kwargs["suppress_tokens"] or ()), *(words[0] for words in bad_words)]
     if max_new_tokens is not None:
         kwargs["max_length"] = max_new_tokens + 1  # the decoder start token comes first
     if getattr(generation_config, "is_multilingual", False):
@@ -265,10 +297,11 @@ def _start(module, params, inputs, options: GenerationOptions, copies: int):
     return step, state, batch
 
 
-def _process_scores(scores, cur_len, options: GenerationOptions):
+def _process_scores(scores, sequences, cur_len, options: GenerationOptions):
     """Transformers' logits processors, in its order, for the token at index `cur_len`.
 
-    scores [n, vocab] float32 (logits for greedy search, log-probabilities for beam search).
+    scores [n, vocab] float32 (logits for greedy search, log-probabilities for beam search);
+    sequences [n, max_length] the tokens so far (decoder start at index 0, padding from `cur_len`).
     """
     minus_inf = -jnp.inf
 
@@ -292,7 +325,22 @@ def _process_scores(scores, cur_len, options: GenerationOptions):
     for position, token in forced.items():
         if token is not None and token >= 0:
             scores = jnp.where(cur_len == position, only(token), scores)
+    if options.no_repeat_ngram_size > 0:
+        scores = _ban_repeated_ngrams(scores, sequences, cur_len, options.no_repeat_ngram_size)
     return scores
+
+
+def _ban_repeated_ngrams(scores, sequences, cur_len, size: int):
+    """-inf for every token that would complete an n-gram (n = `size`) already in `sequences`
+    [n, max_length] before `cur_len`: its first size - 1 tokens equal the last size - 1 tokens."""
+    windows = sequences.shape[1] - size + 1
+    ngrams = jnp.stack([sequences[:, offset : offset + windows] for offset in range(size)], axis=-1)  # [n, W, size]
+    prefix = jax.lax.dynamic_slice_in_dim(sequences, cur_len - (size - 1), size - 1, axis=1)  # [n, size - 1]
+    seen = jnp.arange(windows) <= cur_len - size  # n-grams wholly before cur_len
+    repeats = jnp.all(ngrams[:, :, :-1] == prefix[:, None, :], axis=-1) & seen  # [n, W]
+    rows = jnp.arange(sequences.shape[0])[:, None]
+    banned = jnp.zeros(scores.shape, jnp.int32).at[rows, ngrams[:, :, -1]].max(repeats.astype(jnp.int32))
+    return jnp.where(banned > 0, -jnp.inf, scores)
 
 
 def _greedy_search(module, params, inputs, options: GenerationOptions):
@@ -310,7 +358,7 @@ def _greedy_search(module, params, inputs, options: GenerationOptions):
         cur_len, sequences, finished, state = carry
         last_tokens = jax.lax.dynamic_index_in_dim(sequences, cur_len - 1, axis=1, keepdims=False)
         logits, state = step(last_tokens, state)
-        scores = _process_scores(logits.astype(jnp.float32), cur_len, options)
+        scores = _process_scores(logits.astype(jnp.float32), sequences, cur_len, options)
         next_tokens = jnp.argmax(scores, axis=-1).astype(jnp.int32)
         next_tokens = jnp.where(finished, options.pad_token_id, next_tokens)
         if options.eos_token_id is not None:
@@ -380,7 +428,7 @@ def _beam_search(module, params, inputs, options: GenerationOptions):
         last_tokens = fold(jax.lax.dynamic_index_in_dim(running_sequences, cur_len - 1, axis=2, keepdims=False))
         logits, state = step(last_tokens, state)
         log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        log_probs = unfold(_process_scores(log_probs, cur_len, options))
+        log_probs = unfold(_process_scores(log_probs, fold(running_sequences), cur_len, options))
         vocab = log_probs.shape[-1]
         candidate_scores = (log_probs + running_scores[:, :, None]).reshape(batch, num_beams * vocab)
 
