@@ -473,14 +473,16 @@ class BertPredictionTransform(nn.Module):
 
 
 class BertPredictions(nn.Module):
-    """`transform`, then the tied (or own `decoder`) projection and `bias`: [B, L, H] -> [B, L, V]."""
+    """`transform` (to `width`, default H: RoFormer's narrow embeddings), then the tied (or own
+    `decoder`) projection and `bias`: [B, L, H] -> [B, L, V]."""
 
     config: Any
     dtype: Any = jnp.float32
+    width: Optional[int] = None
 
     @nn.compact
     def __call__(self, hidden: Array, tied_embedding: Optional[Array]) -> Array:
-        hidden = BertPredictionTransform(self.config, self.dtype, name="transform")(hidden)
+        hidden = BertPredictionTransform(self.config, self.dtype, width=self.width, name="transform")(hidden)
         return decode_to_vocab(self, hidden, tied_embedding, self.config.vocab_size, self.dtype)
 
 
@@ -490,9 +492,11 @@ class BertMaskedLMHead(nn.Module):
     config: Any
     dtype: Any = jnp.float32
 
+    width: Optional[int] = None
+
     @nn.compact
     def __call__(self, hidden: Array, tied_embedding: Optional[Array]) -> Array:
-        return BertPredictions(self.config, self.dtype, name="predictions")(hidden, tied_embedding)
+        return BertPredictions(self.config, self.dtype, width=self.width, name="predictions")(hidden, tied_embedding)
 
 
 @register("bert", "masked-lm")

@@ -30,7 +30,7 @@ from flax_finetune.modeling import Family, Output, register, register_family
 from flax_finetune.modeling.albert import default_ids, project_heads
 from flax_finetune.modeling.bert import (
     BertIntermediate,
-    BertPredictionTransform,
+    BertMaskedLMHead,
     DenseResidualNorm,
     RobertaClassificationHead,
     _Encoder,
@@ -38,7 +38,6 @@ from flax_finetune.modeling.bert import (
     _QuestionAnswering,
     _TokenClassification,
     attend,
-    decode_to_vocab,
     padding_mask,
 )
 from flax_finetune.modeling.distilbert import sinusoidal_positions
@@ -226,31 +225,6 @@ class RoFormerForQuestionAnswering(_RoFormer, _QuestionAnswering):
     pass
 
 
-class RoFormerPredictions(nn.Module):
-    """`transform` (dense H -> E, activation, LayerNorm), then the tied (or own `decoder`) projection
-    and `bias`: [B, L, H] -> [B, L, V]."""
-
-    config: Any
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, hidden: Array, tied_embedding: Optional[Array]) -> Array:
-        config = self.config
-        hidden = BertPredictionTransform(config, self.dtype, width=config.embedding_size, name="transform")(hidden)
-        return decode_to_vocab(self, hidden, tied_embedding, config.vocab_size, self.dtype)
-
-
-class RoFormerMaskedLMHead(nn.Module):
-    """Holds `predictions` (Transformers' `cls` nesting)."""
-
-    config: Any
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, hidden: Array, tied_embedding: Optional[Array]) -> Array:
-        return RoFormerPredictions(self.config, self.dtype, name="predictions")(hidden, tied_embedding)
-
-
 @register("roformer", "masked-lm")
 class RoFormerForMaskedLM(_RoFormer, _Encoder):
     """`cls` head over every token. Logits [B, L, V] (float32); tied to the word embeddings by default."""
@@ -261,5 +235,5 @@ class RoFormerForMaskedLM(_RoFormer, _Encoder):
     ) -> Output:
         encoder = self.encoder()
         hidden, _ = encoder(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
-        logits = RoFormerMaskedLMHead(self.config, self.dtype, name="cls")(hidden, self.tied_embedding(encoder))
+        logits = BertMaskedLMHead(self.config, self.dtype, width=self.config.embedding_size, name="cls")(hidden, self.tied_embedding(encoder))
         return Output(logits=logits.astype(jnp.float32))
