@@ -60,17 +60,16 @@ def package_log(caplog):
 
 
 def skip_where_the_reference_is_broken(flax_class_name: str) -> None:
-    """Skip a parity case whose Transformers class cannot run with this jax: Transformers 4.40's
-    FlaxDistilBertForQuestionAnswering calls `logits.split(...)`, an `Array.split` that jax arrays
-    do not have (0.4.26 nor 0.9.2); later Transformers (4.57) call `jnp.split`, and the case runs."""
+    """Skip a parity case whose Transformers class cannot run with this jax: in Transformers 4.40
+    some Flax question-answering classes (DistilBERT's, ALBERT's) call `logits.split(...)`, an
+    `Array.split` that jax arrays do not have (0.4.26 nor 0.9.2); later Transformers (4.57) call
+    `jnp.split`, and the case runs."""
     import inspect
 
     import jax
     import jax.numpy as jnp
     import transformers
 
-    if flax_class_name != "FlaxDistilBertForQuestionAnswering":
-        return
     flax_class = getattr(transformers, flax_class_name, None)
     if flax_class is None or "logits.split(" not in inspect.getsource(flax_class.module_class):
         return

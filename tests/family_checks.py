@@ -19,6 +19,7 @@ Shapes: B = 3 rows of L = 10 tokens; padded rows hold 10, 7 and 2 real tokens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -30,7 +31,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import DATA, adamw_losses, load_script, read_log
+from conftest import DATA, adamw_losses, load_script, read_log, skip_where_the_reference_is_broken
 from flax_finetune import models
 from flax_finetune.modeling import MODULES, family
 
@@ -230,6 +231,18 @@ def _jax_training_losses(forward, task: str, params, inputs: dict, target: dict)
 # --------------------------------------------------------------------------- parity with Transformers' Flax classes
 
 
+@contextlib.contextmanager
+def _runnable_reference(flax_class_name: str):
+    """Skip where Transformers' Flax class cannot run on this jax: in Transformers 4.40 some classes
+    (RoFormer's attention, several question-answering heads) call Array.split, which jax lacks."""
+    try:
+        yield
+    except AttributeError as error:
+        if "has no attribute split" not in str(error) and "has no attribute 'split'" not in str(error):
+            raise
+        pytest.skip(f"no reference: Transformers' {flax_class_name} calls Array.split, which jax {jax.__version__} lacks")
+
+
 def check_flax_parity(model_type: str, task: str, config, flax_class_name: str, batches, *, seed: int = 0,
                       train: bool = True) -> dict:
     """This project's module against Transformers' Flax class on the same random parameters.
@@ -238,8 +251,10 @@ def check_flax_parity(model_type: str, task: str, config, flax_class_name: str, 
     `train`) the same losses over three AdamW steps on the last batch. Returns
     {"max_logit_error": float, "losses": [ours], "reference_losses": [theirs]}."""
     transformers = _transformers()
-    reference = getattr(transformers, flax_class_name)(config, _do_init=False)
-    reference_tree = jax.eval_shape(lambda rng: reference.init_weights(rng, (1, 4)), jax.random.PRNGKey(0))
+    skip_where_the_reference_is_broken(flax_class_name)
+    with _runnable_reference(flax_class_name):
+        reference = getattr(transformers, flax_class_name)(config, _do_init=False)
+        reference_tree = jax.eval_shape(lambda rng: reference.init_weights(rng, (1, 4)), jax.random.PRNGKey(0))
     module = _module(model_type, task, config)
     example = _jax_inputs(batches[-1])
     own_tree = jax.eval_shape(lambda rng: module.init(rng, **example)["params"], jax.random.PRNGKey(0))
@@ -255,8 +270,9 @@ def check_flax_parity(model_type: str, task: str, config, flax_class_name: str, 
     worst = 0.0
     for inputs in batches:
         inputs = _jax_inputs(inputs)
-        worst = max(worst, _real_token_error(jax.jit(reference_logits)(params, inputs),
-                                             jax.jit(own_logits)(params, inputs), task, inputs))
+        with _runnable_reference(flax_class_name):
+            expected = jax.jit(reference_logits)(params, inputs)
+        worst = max(worst, _real_token_error(expected, jax.jit(own_logits)(params, inputs), task, inputs))
     figures = {"max_logit_error": worst}
     if train:
         inputs = _jax_inputs(batches[-1])

@@ -22,6 +22,7 @@ from flax_finetune.modeling.modernbert import GLOBAL, LOCAL, layer_type, rope_th
 from test_text_classification import assert_paraphrase_learned
 
 transformers = pytest.importorskip("transformers")
+pytestmark = family_checks.needs_config("modernbert")  # Transformers 4.48 and later
 
 FIXTURE = MODELS / "tiny-modernbert"
 TORCH_CLASSES = {
