@@ -100,8 +100,18 @@ def adamw_losses(loss_fn, params, steps: int = 3) -> list[float]:
     return losses
 
 
+def pytest_collection_modifyitems(items):
+    """The Flax parity tests of the families in tests/test_family_*.py also carry `family_parity`: the
+    CPU matrix runs them in one Transformers 4.57 cell (the reference the issue names) instead of in
+    every cell with Flax classes, which would add minutes per cell (see noxfile.FAMILY_PARITY_CELL)."""
+    for item in items:
+        if item.path.name.startswith("test_family_") and item.get_closest_marker("parity"):
+            item.add_marker(pytest.mark.family_parity)
+
+
 def pytest_configure(config):
     """A session for an accelerator must run on it: fail at once if JAX fell back to another backend."""
+    config.addinivalue_line("markers", "family_parity: a new family's Flax parity test (added to its parity tests)")
     expected = os.environ.get("FLAX_FINETUNE_EXPECTED_BACKEND")
     if expected:
         import jax
