@@ -13,13 +13,15 @@ A family's test file (tests/test_family_<family>.py) calls these with its own ti
 - `smoke_losses`: the task's script trains the family's fixture model for a few steps on one
   repeated batch and the logged training loss goes down.
 
-Each check returns its figures (largest logit difference, losses) for the closing notes.
+Each parity check returns its figures (largest logit difference, losses) and appends them to
+$FLAX_FINETUNE_PARITY_REPORT (JSON Lines) when that is set: the README's figures come from there.
 Shapes: B = 3 rows of L = 10 tokens; padded rows hold 10, 7 and 2 real tokens.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -33,7 +35,7 @@ import pytest
 
 from conftest import DATA, adamw_losses, load_script, read_log, skip_where_the_reference_is_broken
 from flax_finetune import models
-from flax_finetune.modeling import MODULES, family
+from flax_finetune.modeling import MODULES, checkpoint_io, family
 
 ATOL = RTOL = 1e-5
 BATCH, LENGTH = 3, 10
@@ -228,6 +230,16 @@ def _jax_training_losses(forward, task: str, params, inputs: dict, target: dict)
     return adamw_losses(lambda p: task_loss(task, forward(p, inputs), inputs, target), params)
 
 
+def _record(model_type: str, task: str, reference: str, figures: dict) -> None:
+    """Append a parity check's figures to $FLAX_FINETUNE_PARITY_REPORT (JSON Lines), when set."""
+    path = os.environ.get("FLAX_FINETUNE_PARITY_REPORT")
+    if path:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+        with open(path, "a", encoding="utf-8") as stream:
+            stream.write(json.dumps({"test": test, "model_type": model_type, "task": task, "reference": reference,
+                                     **figures}) + "\n")
+
+
 # --------------------------------------------------------------------------- parity with Transformers' Flax classes
 
 
@@ -282,6 +294,7 @@ def check_flax_parity(model_type: str, task: str, config, flax_class_name: str, 
         assert expected[-1] < expected[0]  # the steps do train
         np.testing.assert_allclose(actual, expected, atol=ATOL, rtol=RTOL)
         figures.update(losses=actual, reference_losses=expected)
+    _record(model_type, task, flax_class_name, figures)
     return figures
 
 
@@ -321,22 +334,26 @@ def check_pytorch_parity(model_type: str, task: str, config, torch_class_name: s
         target = targets(task, config, inputs)
         actual = _jax_training_losses(lambda p, x: _own_logits(module, p, x), task, params, _jax_inputs(inputs),
                                       _jax_inputs(target))
-        _freeze_constants(reference, model_type, config)
+        _freeze_constants(reference, model_type, config, params)
         expected = _torch_training_losses(torch, reference, task, inputs, target)
         assert expected[-1] < expected[0]  # the steps do train
         np.testing.assert_allclose(actual, expected, atol=ATOL, rtol=RTOL)
         figures.update(losses=actual, reference_losses=expected)
+    _record(model_type, task, torch_class_name, figures)
     return figures
 
 
-def _freeze_constants(reference, model_type: str, config) -> None:
-    """Stop PyTorch from training what this project holds as constants (the family's skipped keys and
-    written constants, e.g. sinusoidal position tables): Transformers 5's from_pretrained leaves such
-    tables of RoFormer, Pegasus and Marian trainable, although a freshly built model has them frozen."""
+def _freeze_constants(reference, model_type: str, config, params) -> None:
+    """Stop PyTorch from training what this project holds as constants: the family's skipped keys and
+    written constants (sinusoidal position tables) that `params` has no parameter for. Transformers 5's
+    from_pretrained leaves such tables of RoFormer, Pegasus and Marian trainable, although a freshly
+    built model has them frozen. A skipped key that is a parameter here (DeBERTa-v2's absolute
+    positions, skipped only for v3 checkpoints) keeps training on both sides."""
     declared = family(model_type)
     ends = declared.skipped_pytorch_keys + tuple(declared.pytorch_constants(config) if declared.pytorch_constants else ())
+    ours = set(checkpoint_io.flax_to_pytorch(params, model_type))
     for name, parameter in reference.named_parameters():
-        if any(name == end or name.endswith("." + end) for end in ends):
+        if name not in ours and any(name == end or name.endswith("." + end) for end in ends):
             parameter.requires_grad_(False)
 
 

@@ -41,7 +41,6 @@ CASES = [
     *[(fixture, "masked-lm", "AutoModelForMaskedLM") for fixture in (
         "tiny-xlm-roberta", "tiny-roberta-prelayernorm", "tiny-electra", "tiny-albert", "tiny-roformer",
         "tiny-deberta-v3", "tiny-modernbert")],
-    ("tiny-bart", "sequence-classification", "AutoModelForSequenceClassification"),
     *[(fixture, "seq2seq-lm", "AutoModelForSeq2SeqLM") for fixture in (
         "tiny-bart", "tiny-mbart", "tiny-pegasus", "tiny-marian", "tiny-mt5", "tiny-umt5")],
 ]
