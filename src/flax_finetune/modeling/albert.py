@@ -34,6 +34,7 @@ from flax_finetune.modeling.bert import (
     activation,
     attend,
     decode_to_vocab,
+    default_ids,
     padding_mask,
 )
 
@@ -50,16 +51,6 @@ def project_heads(config, dtype: Any, hidden: Array, name: str) -> Array:
         raise ValueError(f"hidden_size {config.hidden_size} is not a multiple of num_attention_heads {heads}")
     projected = nn.Dense(config.hidden_size, dtype=dtype, kernel_init=_normal(config), name=name)(hidden)
     return projected.reshape(projected.shape[:2] + (heads, -1))
-
-
-def default_ids(input_ids: Array, token_type_ids: Optional[Array], position_ids: Optional[Array]):
-    """int32 (input_ids, token_type_ids, position_ids) [B, L]; segment 0 and positions 0, 1, ... where not given."""
-    input_ids = jnp.asarray(input_ids, jnp.int32)
-    if token_type_ids is None:
-        token_type_ids = jnp.zeros_like(input_ids)
-    if position_ids is None:
-        position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-    return input_ids, jnp.asarray(token_type_ids, jnp.int32), jnp.asarray(position_ids, jnp.int32)
 
 
 class AlbertAttention(nn.Module):

@@ -301,6 +301,16 @@ class BertPooler(nn.Module):
         return jnp.tanh(dense(hidden[:, 0]))
 
 
+def default_ids(input_ids: Array, token_type_ids: Optional[Array], position_ids: Optional[Array]):
+    """int32 (input_ids, token_type_ids, position_ids) [B, L]; segment 0 and positions 0, 1, ... where not given."""
+    input_ids = jnp.asarray(input_ids, jnp.int32)
+    if token_type_ids is None:
+        token_type_ids = jnp.zeros_like(input_ids)
+    if position_ids is None:
+        position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+    return input_ids, jnp.asarray(token_type_ids, jnp.int32), jnp.asarray(position_ids, jnp.int32)
+
+
 def roberta_position_ids(input_ids: Array, padding_idx: int) -> Array:
     """RoBERTa positions [B, L]: padding_idx + 1, + 2, ... over real tokens; padding_idx on padding."""
     is_token = (input_ids != padding_idx).astype(jnp.int32)
@@ -334,18 +344,12 @@ class BertModel(nn.Module):
         position_ids: Optional[Array] = None,
         deterministic: bool = True,
     ) -> tuple[Array, Optional[Array]]:
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
-        if position_ids is None:
-            if self.roberta:
-                position_ids = roberta_position_ids(input_ids, self.config.pad_token_id)
-            else:
-                position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+        if position_ids is None and self.roberta:
+            position_ids = roberta_position_ids(jnp.asarray(input_ids, jnp.int32), self.config.pad_token_id)
         config = self.config
         width = config.embedding_size if self.factorised_embeddings else config.hidden_size
         hidden = BertEmbeddings(config, self.dtype, width, name="embeddings")(
-            input_ids, jnp.asarray(token_type_ids, jnp.int32), jnp.asarray(position_ids, jnp.int32), deterministic
+            *default_ids(input_ids, token_type_ids, position_ids), deterministic
         )
         if width != config.hidden_size:
             hidden = nn.Dense(config.hidden_size, dtype=self.dtype, kernel_init=_normal(config),

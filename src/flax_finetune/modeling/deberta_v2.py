@@ -55,6 +55,7 @@ from flax_finetune.modeling.bert import (
     _TokenClassification,
     activation,
     decode_to_vocab,
+    default_ids,
 )
 
 Array = Any
@@ -324,20 +325,10 @@ class DebertaV2Model(nn.Module):
         position_ids: Optional[Array] = None,
         deterministic: bool = True,
     ) -> tuple[Array, None]:
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        if attention_mask is None:
-            attention_mask = jnp.ones_like(input_ids)
-        if token_type_ids is None:
-            token_type_ids = jnp.zeros_like(input_ids)
-        if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
-        attention_mask = jnp.asarray(attention_mask)
+        input_ids, token_type_ids, position_ids = default_ids(input_ids, token_type_ids, position_ids)
+        attention_mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask)
         hidden = DebertaV2Embeddings(self.config, self.dtype, name="embeddings")(
-            input_ids,
-            jnp.asarray(token_type_ids, jnp.int32),
-            jnp.asarray(position_ids, jnp.int32),
-            attention_mask,
-            deterministic,
+            input_ids, token_type_ids, position_ids, attention_mask, deterministic
         )
         return DebertaV2Encoder(self.config, self.dtype, name="encoder")(hidden, attention_mask, deterministic), None
 

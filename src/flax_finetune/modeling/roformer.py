@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_finetune.modeling import Family, Output, register, register_family
-from flax_finetune.modeling.albert import default_ids, project_heads
+from flax_finetune.modeling.albert import project_heads
 from flax_finetune.modeling.bert import (
     BertIntermediate,
     BertMaskedLMHead,
@@ -38,6 +38,7 @@ from flax_finetune.modeling.bert import (
     _QuestionAnswering,
     _TokenClassification,
     attend,
+    default_ids,
     padding_mask,
 )
 from flax_finetune.modeling.distilbert import sinusoidal_positions
@@ -235,5 +236,6 @@ class RoFormerForMaskedLM(_RoFormer, _Encoder):
     ) -> Output:
         encoder = self.encoder()
         hidden, _ = encoder(input_ids, attention_mask, token_type_ids, position_ids, deterministic)
-        logits = BertMaskedLMHead(self.config, self.dtype, width=self.config.embedding_size, name="cls")(hidden, self.tied_embedding(encoder))
+        head = BertMaskedLMHead(self.config, self.dtype, width=self.config.embedding_size, name="cls")
+        logits = head(hidden, self.tied_embedding(encoder))
         return Output(logits=logits.astype(jnp.float32))
