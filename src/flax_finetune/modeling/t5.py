@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from . import Family, Output, register, register_family
+from .generation import update_cache
 
 ACTIVATIONS = {
     "relu": nn.relu,
@@ -180,10 +181,8 @@ class T5Attention(nn.Module):
         query = self._split_heads(self.q(hidden))
         keys, values = self.keys_values(hidden) if keys_values is None else keys_values
         if cache is not None:
-            start = (0, position, 0, 0)
-            keys = jax.lax.dynamic_update_slice(cache["key"], keys.astype(cache["key"].dtype), start)
-            values = jax.lax.dynamic_update_slice(cache["value"], values.astype(cache["value"].dtype), start)
-            cache = {"key": keys, "value": values}
+            cache = update_cache(cache, keys, values, position)
+            keys, values = cache["key"], cache["value"]
         output = attend(query, keys, values, bias, self.dropout, deterministic)
         output = output.reshape(output.shape[:2] + (self.num_heads * self.head_dim,))
         return self.o(output), cache

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from . import Family, Output, register, register_family
+from .generation import update_cache
 
 ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -105,10 +106,8 @@ class WhisperAttention(nn.Module):
         query = query / jnp.sqrt(self.head_dim).astype(query.dtype)
         keys, values = self.keys_values(hidden) if keys_values is None else keys_values
         if cache is not None:
-            start = (0, position, 0, 0)
-            keys = jax.lax.dynamic_update_slice(cache["key"], keys.astype(cache["key"].dtype), start)
-            values = jax.lax.dynamic_update_slice(cache["value"], values.astype(cache["value"].dtype), start)
-            cache = {"key": keys, "value": values}
+            cache = update_cache(cache, keys, values, position)
+            keys, values = cache["key"], cache["value"]
         scores = jnp.einsum("bqhd,bkhd->bhqk", query, keys).astype(jnp.float32)
         if bias is not None:
             scores = scores + bias
