@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flax_finetune import data, losses, training
+from flax_finetune.errors import InputError
 from flax_finetune.arguments import TrainingArguments
 from flax_finetune.outputs import OutputDir
 from flax_finetune.trainer import Trainer
@@ -185,3 +186,21 @@ def test_zero_training_steps_is_an_input_error(tmp_path):
     trainer = Trainer(args(tmp_path, num_train_epochs=0), output, toy_loss, lambda p, b: {})
     with pytest.raises(InputError, match="no training steps"):
         trainer.train(toy_params(), toy_rows(4))
+
+
+def test_mesh_flag_names_axis_sizes_and_fills_the_missing_one():
+    assert training.mesh_shape("", 8) == {"data": 8, "fsdp": 1}
+    assert training.mesh_shape("fsdp:8", 8) == {"data": 1, "fsdp": 8}
+    assert training.mesh_shape("data:2", 8) == {"data": 2, "fsdp": 4}
+    assert training.mesh_shape("data:2,fsdp:4", 8) == {"data": 2, "fsdp": 4}
+    for wrong in ("data:3", "fsdp:2,data:2", "tensor:8", "data", "data:0,fsdp:8", "data:2,data:4"):
+        with pytest.raises(InputError, match="--mesh"):
+            training.mesh_shape(wrong, 8)
+
+
+def test_state_is_split_over_fsdp_along_its_largest_divisible_axis():
+    assert training.fsdp_axis((64, 32), 4) == 0
+    assert training.fsdp_axis((30, 32), 4) == 1  # 30 is larger but not divisible
+    assert training.fsdp_axis((32, 32), 4) == 0
+    assert training.fsdp_axis((37,), 4) is None and training.fsdp_axis((), 4) is None
+    assert training.fsdp_axis((64, 32), 1) is None

@@ -304,6 +304,10 @@ class TrainingArguments:
     )
     num_processes: Optional[int] = arg(None, "Processes in a multi-process run (default: detected from the cluster).")
     process_id: Optional[int] = arg(None, "This process's index, 0 to --num_processes - 1 (default: detected).")
+    mesh: str = arg(
+        "", "Device mesh as axis:size pairs, e.g. data:2,fsdp:4: batches split over all devices, parameters and "
+        "optimizer state sharded over fsdp (default: every device on data, plain data parallelism)."
+    )
     command: list[str] = dataclasses.field(default_factory=list, init=False)  # the command line, for the model card
 
     def __post_init__(self):

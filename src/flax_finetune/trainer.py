@@ -84,7 +84,7 @@ class Trainer:
         self.args = args
         self.output = output
         self.loss_fn = loss_fn
-        self.mesh = training.data_mesh()
+        self.mesh = training.make_mesh(args.mesh)
         self.predict_step = training.make_predict_step(predict_fn, self.mesh)
         # on_save(step, params): called after each checkpoint (the script exports and pushes there)
         self.on_save: Optional[Callable[[int, Any], None]] = None
@@ -131,8 +131,10 @@ class Trainer:
         optimizer = training.make_optimizer(args, schedule)
         state = training.init_state(params, optimizer, self.mesh)
         train_step = training.make_train_step(
-            self.loss_fn, optimizer, schedule, self.mesh, args.gradient_accumulation_steps
+            self.loss_fn, optimizer, schedule, self.mesh, args.gradient_accumulation_steps,
+            jax.tree_util.tree_map(lambda leaf: leaf.sharding, state),
         )
+        state_bytes, state_bytes_per_device = training.bytes_per_device(state)
         dropout_rng = jax.random.PRNGKey(args.seed)
         position = {
             "seed": args.seed,
@@ -151,6 +153,8 @@ class Trainer:
             args.per_device_train_batch_size, args.gradient_accumulation_steps, total_steps,
             plan.process_index, plan.global_batch_size // plan.process_count, plan.global_batch_size,
         )
+        logger.info("mesh %s: parameters and optimizer state %.1f MB, at most %.1f MB on one device",
+                    dict(self.mesh.shape), state_bytes / 1e6, state_bytes_per_device / 1e6)
         step = int(state.step)
         self.output.truncate_log(step)
         first_step, started = step, time.perf_counter()
@@ -193,7 +197,7 @@ class Trainer:
                             checkpoints.save(step, state, {**position, "step": step, "epoch": epoch})
                             guard.last_checkpoint = checkpoints.path(step)
                             if self.on_save is not None and step < total_steps:  # the end of training follows
-                                self.on_save(step, state.params)
+                                self.on_save(step, training.fetch(state.params))
                         if step >= total_steps:
                             break
             guard.check()
@@ -212,10 +216,12 @@ class Trainer:
                 "steps": step,
                 "samples": len(rows),
                 "first_step_seconds": first_step_seconds or 0.0,
+                "state_bytes": state_bytes,
+                "state_bytes_per_device": state_bytes_per_device,
             },
         )
         self.trained_steps = step
-        return state.params
+        return training.fetch(state.params)
 
     def _log_training(self, step: int, epoch: float, pending: list, global_batch_size: int) -> dict:
         """Mean loss of the steps since the last log line, learning rate, and their throughput."""
@@ -252,7 +258,7 @@ class Trainer:
 
     def predict(self, params: Any, rows: data.Rows) -> dict[str, np.ndarray]:
         """`predict_fn` outputs for every row, in dataset order: {name: [num_rows, ...]}."""
-        params = training.replicate(params, self.mesh)
+        params = training.shard_params(params, self.mesh)
         plan = self._plan(len(rows), self.args.per_device_eval_batch_size)
         order = plan.order(seed=None)[:, 0, :]  # [num_batches, batch]
         per_call = min(plan.num_batches, EVAL_BATCHES_PER_CALL)

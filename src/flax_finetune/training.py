@@ -6,15 +6,19 @@ batch and how many there were. The step differentiates the sum and divides by
 the total count, so padding never counts and every task, device count and
 gradient-accumulation setting averages the same way.
 
-Steps are `jax.jit` functions over a one-axis ("data") device mesh: batches are
-sharded along their batch dimension, the state is replicated, and the state's
-buffers are donated. No `pmap`.
+Steps are `jax.jit` functions over a two-axis ("data", "fsdp") device mesh
+(`--mesh`, default: every device on "data"). Batches are sharded along their
+batch dimension over both axes. Parameters and optimizer state are sharded over
+"fsdp" (each array along its largest dimension that the axis divides, replicated
+where none does) and replicated over "data": with fsdp = 1 this is plain data
+parallelism, with data = 1 it is fully sharded data parallelism (FSDP); XLA
+inserts the gathers and reductions. The state's buffers are donated. No `pmap`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import flax
 import jax
@@ -22,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flax_finetune.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +45,40 @@ class TrainState:
     opt_state: Any
 
 
+MESH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(spec: str, device_count: int) -> dict[str, int]:
+    """`--mesh` ("data:2,fsdp:4", "fsdp:8", or "" for every device on "data") -> {axis: size}.
+
+    An axis left out gets the devices the others leave; the sizes must multiply to `device_count`.
+    """
+    sizes: dict[str, int] = {}
+    for part in filter(None, (item.strip() for item in spec.split(","))):
+        name, _, size = part.partition(":")
+        if name not in MESH_AXES or not size.isdigit() or int(size) < 1 or name in sizes:
+            raise InputError(f"--mesh {spec}: write axis:size pairs, e.g. data:2,fsdp:4 (axes: {', '.join(MESH_AXES)})")
+        sizes[name] = int(size)
+    given = int(np.prod(list(sizes.values()), dtype=int))
+    missing = [name for name in MESH_AXES if name not in sizes]
+    if missing and device_count % given == 0:
+        sizes[missing[0]] = device_count // given
+    sizes = {name: sizes.get(name, 1) for name in MESH_AXES}
+    if int(np.prod(list(sizes.values()))) != device_count:
+        raise InputError(f"--mesh {spec}: the axis sizes must multiply to the {device_count} devices of this run")
+    return sizes
+
+
+def make_mesh(spec: str = "") -> Mesh:
+    """The ("data", "fsdp") mesh of `--mesh` over all devices of all processes (fsdp neighbours adjacent)."""
+    sizes = mesh_shape(spec, jax.device_count())
+    devices = np.asarray(jax.devices()).reshape([sizes[name] for name in MESH_AXES])
+    return Mesh(devices, MESH_AXES)
+
+
 def data_mesh() -> Mesh:
-    """All devices of all processes on one "data" axis."""
-    return Mesh(np.asarray(jax.devices()), ("data",))
+    """All devices of all processes on the "data" axis (fsdp = 1)."""
+    return make_mesh("")
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -49,8 +86,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def stacked_batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Sharding of a [micro_batches, batch, ...] stack: split along the batch axis."""
-    return NamedSharding(mesh, PartitionSpec(None, "data"))
+    """Sharding of a [micro_batches, batch, ...] stack: the batch axis split over every device."""
+    return NamedSharding(mesh, PartitionSpec(None, MESH_AXES))
+
+
+def fsdp_axis(shape: tuple, fsdp_size: int) -> Optional[int]:
+    """The axis an array of `shape` is split along over `fsdp_size` devices: its largest dimension that
+    the size divides (the first of equals); None (replicated) where none does or the size is 1."""
+    divisible = [axis for axis, length in enumerate(shape) if fsdp_size > 1 and length % fsdp_size == 0]
+    return max(divisible, key=lambda axis: (shape[axis], -axis)) if divisible else None
+
+
+def state_sharding(mesh: Mesh, shape: tuple) -> NamedSharding:
+    """Where one parameter or optimizer-state array of `shape` lives (see `fsdp_axis`)."""
+    axis = fsdp_axis(shape, mesh.shape["fsdp"])
+    return replicated(mesh) if axis is None else NamedSharding(mesh, PartitionSpec(*[None] * axis, "fsdp"))
+
+
+def state_shardings(tree: Any, mesh: Mesh) -> Any:
+    """`state_sharding` of every leaf of `tree` (arrays or shape structs)."""
+    return jax.tree_util.tree_map(lambda leaf: state_sharding(mesh, tuple(np.shape(leaf))), tree)
+
+
+def bytes_per_device(tree: Any) -> tuple[int, int]:
+    """(bytes of `tree` in all, the most bytes any one device holds), read from the arrays' shardings."""
+    total, per_device = 0, {}
+    for leaf in jax.tree_util.tree_leaves(tree):
+        total += leaf.nbytes
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return total, max(per_device.values(), default=0)
 
 
 def initialize_distributed(coordinator_address, num_processes, process_id) -> int:
@@ -90,21 +155,40 @@ def put_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     return {name: global_array(value) for name, value in local.items()}
 
 
-def replicate(tree: Any, mesh: Mesh) -> Any:
-    """Every leaf of `tree` on every device of the mesh (of every process).
+def place(tree: Any, shardings: Any) -> Any:
+    """Every leaf of `tree` laid out as the matching leaf of `shardings` over the devices of every process.
 
-    Across processes each one contributes its own copy, which must be equal
+    Across processes each one contributes its parts of its own copy, which must be equal
     (the same checkpoint and seed give the same parameters everywhere).
     """
-    sharding = replicated(mesh)
     if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
+        return jax.device_put(tree, shardings)
 
-    def put(leaf):
+    def put(leaf, sharding):
         value = np.asarray(leaf)
         return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
-    return jax.tree_util.tree_map(put, tree)
+    return jax.tree_util.tree_map(put, tree, shardings)
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """Every leaf of `tree` on every device of the mesh (of every process)."""
+    return place(tree, jax.tree_util.tree_map(lambda _: replicated(mesh), tree))
+
+
+def shard_params(tree: Any, mesh: Mesh) -> Any:
+    """Parameters laid out as training keeps them (`state_sharding`)."""
+    return place(tree, state_shardings(tree, mesh))
+
+
+def fetch(tree: Any) -> Any:
+    """`tree` readable by this process in full (for saving): sharded arrays of several processes are
+    gathered; in one process the arrays are returned as they are (reading them gathers)."""
+    if jax.process_count() == 1:
+        return tree
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def is_decayed(path: tuple[str, ...]) -> bool:
@@ -155,8 +239,11 @@ def make_train_step(
     schedule: optax.Schedule,
     mesh: Mesh,
     micro_batches: int,
+    state_layout: Any = None,
 ) -> Callable:
     """Jitted `(state, stacked_batch, rng) -> (state, metrics)`.
+
+    `state_layout`: the TrainState's shardings (default: replicated); the new state keeps them.
 
     `stacked_batch` leaves are [micro_batches, batch, ...]. Gradients of the
     loss sums are summed over the micro batches and divided by the total
@@ -188,10 +275,11 @@ def make_train_step(
         metrics = {"loss": masked_mean_loss(loss_sum, count), "learning_rate": schedule(state.step)}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
+    layout = replicated(mesh) if state_layout is None else state_layout
     return jax.jit(
         step,
-        in_shardings=(replicated(mesh), stacked_batch_sharding(mesh), replicated(mesh)),
-        out_shardings=(replicated(mesh), replicated(mesh)),
+        in_shardings=(layout, stacked_batch_sharding(mesh), replicated(mesh)),
+        out_shardings=(layout, replicated(mesh)),
         donate_argnums=0,
     )
 
@@ -201,24 +289,23 @@ def make_predict_step(predict_fn: PredictFn, mesh: Mesh) -> Callable:
 
     `stacked_batches` leaves are [num_batches, batch, ...]; the batches run one
     after another inside the call (memory of one batch), which saves a host
-    round trip per batch. Outputs are [num_batches, batch, ...], replicated so
-    every process can read them.
+    round trip per batch. Params come laid out by `shard_params`, batches by
+    `put_batch` (the call keeps their shardings). Outputs are [num_batches,
+    batch, ...], replicated so every process can read them.
     """
 
     def predict(params, batches):
         return jax.lax.map(lambda batch: predict_fn(params, batch), batches)
 
-    return jax.jit(
-        predict,
-        in_shardings=(replicated(mesh), stacked_batch_sharding(mesh)),
-        out_shardings=replicated(mesh),
-    )
+    return jax.jit(predict, out_shardings=replicated(mesh))
 
 
 def init_state(params: Any, optimizer: optax.GradientTransformation, mesh: Mesh) -> TrainState:
-    """A replicated TrainState at step 0 (optimizer initialised on device, compiled once)."""
+    """The TrainState at step 0, laid out by `state_shardings` (optimizer initialised on device, compiled once)."""
 
     def init(params):
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
 
-    return jax.jit(init, out_shardings=replicated(mesh))(replicate(params, mesh))
+    params = shard_params(params, mesh)
+    layout = state_shardings(jax.eval_shape(init, params), mesh)
+    return jax.jit(init, out_shardings=layout)(params)
