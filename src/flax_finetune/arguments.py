@@ -196,7 +196,12 @@ class ModelArguments:
         False, "Let a hub config, tokenizer or --dataset_name loading script run its own code (trusted repositories only)."
     )
     dtype: Literal["float32", "bfloat16", "float16"] = arg(
-        "float32", "Computation dtype; parameters stay float32."
+        "float32", "Computation dtype (activations and matrix products); parameters keep --param_dtype."
+    )
+    param_dtype: Literal["float32", "bfloat16"] = arg(
+        "float32", "Dtype of the parameters and of the optimizer state, which follows them: float32 keeps "
+        "float32 master weights (also under --dtype bfloat16); bfloat16 halves their memory, at the cost of "
+        "updates too small for bfloat16 to register."
     )
 
     def __post_init__(self):

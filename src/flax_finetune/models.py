@@ -275,3 +275,15 @@ def load_feature_extractor(name_or_path: str, *, hub: Optional[dict] = None):
         return transformers.AutoFeatureExtractor.from_pretrained(name_or_path, **(hub or {}))
     except (OSError, ValueError) as error:
         raise InputError(f"cannot load a feature extractor from {name_or_path}: {error}") from None
+
+
+def cast_params(params: Any, param_dtype: str) -> Any:
+    """`params` with every floating-point leaf in `param_dtype` ("float32" or "bfloat16"); others unchanged."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    target = getattr(jnp, param_dtype)
+    return jax.tree_util.tree_map(
+        lambda leaf: leaf.astype(target) if jnp.issubdtype(np.asarray(leaf).dtype, jnp.floating) else leaf, params
+    )

@@ -289,11 +289,14 @@ class Run:
 
         self.task = task
         if model_args.model_name_or_path:
-            return models.load(
+            model = models.load(
                 model_args.model_name_or_path, task, config=config, dtype=model_args.dtype,
                 seed=self.args.seed, hub=model_args.hub_options,
             )
-        return models.from_config(config, task, dtype=model_args.dtype, seed=self.args.seed)
+        else:
+            model = models.from_config(config, task, dtype=model_args.dtype, seed=self.args.seed)
+        model.params = models.cast_params(model.params, model_args.param_dtype)
+        return model
 
     def trainer(self, loss_fn: Callable, predict_fn: Callable) -> Any:
         """The Trainer for this run; creates the output directory (inputs are all checked by now)."""
