@@ -309,6 +309,14 @@ class TrainingArguments:
     )
     num_processes: Optional[int] = arg(None, "Processes in a multi-process run (default: detected from the cluster).")
     process_id: Optional[int] = arg(None, "This process's index, 0 to --num_processes - 1 (default: detected).")
+    gradient_checkpointing: bool = arg(
+        False, "Rematerialise every layer: the backward pass recomputes activations instead of storing them "
+        "(less memory, about a third more compute)."
+    )
+    remat_policy: Literal["nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable"] = arg(
+        "nothing_saveable", "What a rematerialised layer keeps with --gradient_checkpointing: nothing, its matrix "
+        "products' outputs, or those without batch dimensions."
+    )
     mesh: str = arg(
         "", "Device mesh as axis:size pairs, e.g. data:2,fsdp:4: batches split over all devices, parameters and "
         "optimizer state sharded over fsdp (default: every device on data, plain data parallelism)."

@@ -75,10 +75,13 @@ class Model:
     def generate(self, params, inputs: dict, **settings):
         """Token ids [batch, max_length] by greedy search (num_beams 1) or beam search, with a key/value cache.
 
-        `inputs`: the encoder's (input_ids and attention_mask [batch, length], or input_features).
-        `settings` (max_length, num_beams; for Whisper also language and task) override the
-        model's generation config, which supplies the rest (start and end tokens, Whisper's
-        forced prefix, length penalty). Traceable: scripts call it inside their jitted predict step.
+        `inputs`: the encoder's (input_ids and attention_mask [batch, length], or input_features),
+        or a causal LM's LEFT-padded prompt (input_ids and attention_mask [batch, prompt_length]);
+        a causal LM's sequences start with the prompt. `settings` (max_length or max_new_tokens,
+        num_beams; for Whisper also language and task) override the model's generation config,
+        which supplies the rest (start and end tokens, padding (the end token where it has none),
+        Whisper's forced prefix, length penalty). Traceable: scripts call it inside their jitted
+        predict step.
         """
         from flax_finetune.modeling import generation
 
@@ -92,7 +95,7 @@ class Model:
         from flax_finetune.modeling import checkpoint_io
 
         self.config.save_pretrained(directory)
-        if self.generation_config is not None and _is_encoder_decoder(self.config):
+        if self.generation_config is not None:
             self.generation_config.save_pretrained(directory)
         checkpoint_io.write_safetensors(jax.device_get(params), directory, self.config.model_type, config=self.config)
 
@@ -144,8 +147,9 @@ def init_function(module: Any, config: Any, task: str):
 
 
 def _generation_config(folder: Optional[Path], config: Any) -> Any:
-    """The checkpoint's generation_config.json, else one derived from the model config (encoder-decoders only)."""
-    if not _is_encoder_decoder(config):
+    """The checkpoint's generation_config.json, else one derived from the model config (its start,
+    end and padding ids), for encoder-decoders and architectures with a causal-lm module; else None."""
+    if not (_is_encoder_decoder(config) or (config.model_type, "causal-lm") in modules()):
         return None
     import transformers
 

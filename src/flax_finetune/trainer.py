@@ -133,6 +133,7 @@ class Trainer:
         train_step = training.make_train_step(
             self.loss_fn, optimizer, schedule, self.mesh, args.gradient_accumulation_steps,
             jax.tree_util.tree_map(lambda leaf: leaf.sharding, state),
+            args.remat_policy if args.gradient_checkpointing else None,
         )
         state_bytes, state_bytes_per_device = training.bytes_per_device(state)
         dropout_rng = jax.random.PRNGKey(args.seed)

@@ -240,17 +240,20 @@ def make_train_step(
     mesh: Mesh,
     micro_batches: int,
     state_layout: Any = None,
+    remat_policy: Optional[str] = None,
 ) -> Callable:
     """Jitted `(state, stacked_batch, rng) -> (state, metrics)`.
 
     `state_layout`: the TrainState's shardings (default: replicated); the new state keeps them.
+    `remat_policy`: rematerialise every model layer with this policy (`modeling.REMAT_POLICIES`):
+    the backward pass recomputes the layers' activations instead of storing them.
 
     `stacked_batch` leaves are [micro_batches, batch, ...]. Gradients of the
     loss sums are summed over the micro batches and divided by the total
     count: gradient accumulation gives the same update as one big batch.
     Each micro batch gets its own dropout key, folded from (rng, step, index).
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(rematerialised(loss_fn, remat_policy), has_aux=True)
 
     def step(state: TrainState, batch: Batch, rng: jax.Array):
         step_rng = jax.random.fold_in(rng, state.step)
@@ -282,6 +285,23 @@ def make_train_step(
         out_shardings=(layout, replicated(mesh)),
         donate_argnums=0,
     )
+
+
+def rematerialised(loss_fn: LossFn, policy: Optional[str]) -> LossFn:
+    """`loss_fn` with the model's layers rematerialised under `policy` (unchanged for None); an
+    InputError where the model has no rematerialisable layers."""
+    if policy is None:
+        return loss_fn
+    from flax_finetune import modeling
+
+    def loss(params, batch, rng):
+        with modeling.rematerialised(policy) as layers:
+            result = loss_fn(params, batch, rng)
+        if not layers:
+            raise InputError("--gradient_checkpointing: this model has no layers to rematerialise")
+        return result
+
+    return loss
 
 
 def make_predict_step(predict_fn: PredictFn, mesh: Mesh) -> Callable:

@@ -26,16 +26,27 @@ Contract (every architecture module fills `MODULES` through `register`):
 Every module of this package except the shared machinery (`SHARED_MODULES`)
 is an architecture module; `import_all()` imports them, so adding a family is
 adding a module.
+
+Rematerialisation: every architecture builds its repeated layers through
+`layer(LayerClass)`, so that under `rematerialised(policy)` (which the training
+step enters for `--gradient_checkpointing`) each layer's activations are
+recomputed in the backward pass instead of stored. A layer's flags (arguments
+named in `STATIC_LAYER_ARGUMENTS`, such as `deterministic`) are static there.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import importlib
+import inspect
 import pkgutil
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import flax
+import flax.linen as nn
 
 MODULES: dict[tuple[str, str], type] = {}
 
@@ -104,3 +115,67 @@ def register(model_type: str, task: str):
         return module
 
     return decorate
+
+
+REMAT_POLICIES = ("nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable")
+"""What a rematerialised layer keeps from its forward pass (`jax.checkpoint_policies`): nothing (least
+memory), the outputs of its matrix products, or those without batch dimensions (the weights' products)."""
+
+# Layer arguments that are Python flags, not arrays: static in the rematerialised call.
+STATIC_LAYER_ARGUMENTS = frozenset({"deterministic", "layer_index", "is_sliding", "causal"})
+
+_remat: contextvars.ContextVar[Optional[tuple[str, list]]] = contextvars.ContextVar("remat", default=None)
+
+
+@contextlib.contextmanager
+def rematerialised(policy: Optional[str]) -> Iterator[list]:
+    """Within: layers built through `layer` are rematerialised with `policy` (None: not at all).
+
+    Yields the list of layer classes rematerialised so far, so that a caller can tell a model
+    without rematerialisable layers from one that has them."""
+    if policy is not None and policy not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {policy!r}; known: {', '.join(REMAT_POLICIES)}")
+    built: list = []
+    token = _remat.set(None if policy is None else (policy, built))
+    try:
+        yield built
+    finally:
+        _remat.reset(token)
+
+
+def layer(layer_class: type) -> type:
+    """`layer_class`, or its rematerialised version inside `rematerialised(policy)` (same parameters)."""
+    setting = _remat.get()
+    if setting is None:
+        return layer_class
+    policy, built = setting
+    built.append(layer_class)
+    return _rematerialised_class(layer_class, policy)
+
+
+@functools.lru_cache(maxsize=None)
+def _rematerialised_class(layer_class: type, policy: str) -> type:
+    """A subclass of `layer_class` whose `__call__` runs under `nn.remat`, its flags (positional or
+    keyword) static. Parameters and submodule names are those of `layer_class`."""
+    import jax
+
+    signature = inspect.signature(layer_class.__call__)
+
+    def run(module, flags, arguments):
+        return layer_class.__call__(module, **arguments, **dict(flags))
+
+    checkpointed = nn.remat(run, policy=getattr(jax.checkpoint_policies, policy), static_argnums=(1,))
+
+    def __call__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        named = dict(bound.arguments)
+        for name, parameter in signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                named.update(named.pop(name, {}))
+        del named["self"]
+        flags = tuple(sorted((name, value) for name, value in named.items() if name in STATIC_LAYER_ARGUMENTS))
+        arguments = {name: value for name, value in named.items() if name not in STATIC_LAYER_ARGUMENTS}
+        return checkpointed(self, flags, arguments)
+
+    return type(layer_class.__name__, (layer_class,), {"__call__": __call__, "__module__": layer_class.__module__})

@@ -25,7 +25,7 @@ from typing import Any, Optional
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flax_finetune.modeling import Family, Output, register, register_family
+from flax_finetune.modeling import Family, Output, layer, register, register_family
 from flax_finetune.modeling.bert import (
     BertEmbeddings,
     _Encoder,
@@ -98,7 +98,7 @@ class AlbertLayers(nn.Module):
     @nn.compact
     def __call__(self, hidden: Array, mask: Optional[Array], deterministic: bool) -> Array:
         for index in range(self.config.inner_group_num):
-            hidden = AlbertLayer(self.config, self.dtype, name=str(index))(hidden, mask, deterministic)
+            hidden = layer(AlbertLayer)(self.config, self.dtype, name=str(index))(hidden, mask, deterministic)
         return hidden
 
 

@@ -44,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flax_finetune.modeling import Family, Output, register, register_family
+from flax_finetune.modeling import Family, Output, layer, register, register_family
 from flax_finetune.modeling.bert import activation, attend, padding_mask
 from flax_finetune.modeling.generation import update_cache
 
@@ -220,23 +220,23 @@ class BartLayers(nn.Module):
 
     def setup(self):
         config = self.config
-        layer, count = (BartDecoderLayer, config.decoder_layers) if self.decoder else (BartEncoderLayer, config.encoder_layers)
-        self.layers = [layer(config, dtype=self.dtype, name=str(index)) for index in range(count)]
+        layer_class, count = (BartDecoderLayer, config.decoder_layers) if self.decoder else (BartEncoderLayer, config.encoder_layers)
+        self.layers = [layer(layer_class)(config, dtype=self.dtype, name=str(index)) for index in range(count)]
 
     def encode(self, hidden, mask, deterministic):
-        for layer in self.layers:
-            hidden = layer(hidden, mask, deterministic)
+        for block in self.layers:
+            hidden = block(hidden, mask, deterministic)
         return hidden
 
     def cross_keys_values(self, encoder_hidden_states):
         """-> per decoder layer (keys, values), each [B, S, N, D]."""
-        return [layer.cross_keys_values(encoder_hidden_states) for layer in self.layers]
+        return [block.cross_keys_values(encoder_hidden_states) for block in self.layers]
 
     def decode(self, hidden, self_mask, cross_mask, cross_keys_values, caches, position, deterministic):
         new_caches = []
-        for index, layer in enumerate(self.layers):
+        for index, block in enumerate(self.layers):
             cache = None if caches is None else caches[index]
-            hidden, cache = layer(hidden, self_mask, cross_mask, cross_keys_values[index], cache, position,
+            hidden, cache = block(hidden, self_mask, cross_mask, cross_keys_values[index], cache, position,
                                   deterministic)
             new_caches.append(cache)
         return hidden, (None if caches is None else new_caches)

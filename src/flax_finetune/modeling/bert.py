@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_finetune.modeling import Family, Output, register, register_family
+from flax_finetune.modeling import Family, Output, layer, register, register_family
 
 Array = Any
 
@@ -271,8 +271,9 @@ class BertLayerStack(nn.Module):
     @nn.compact
     def __call__(self, hidden: Array, mask: Optional[Array], deterministic: bool) -> Array:
         for index in range(self.config.num_hidden_layers):
-            layer = BertLayer(self.config, self.dtype, self.pre_layer_norm, name=str(index))
-            hidden = layer(hidden, mask, deterministic)
+            hidden = layer(BertLayer)(self.config, self.dtype, self.pre_layer_norm, name=str(index))(
+                hidden, mask, deterministic
+            )
         return hidden
 
 

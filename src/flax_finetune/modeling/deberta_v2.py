@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flax_finetune.errors import InputError
-from flax_finetune.modeling import Family, Output, register, register_family
+from flax_finetune.modeling import Family, Output, layer, register, register_family
 from flax_finetune.modeling.bert import (
     BertIntermediate,
     BertPredictionTransform,
@@ -146,7 +146,7 @@ class DisentangledSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(
-        self, hidden: Array, mask: Array, relative: np.ndarray, rel_embeddings: Optional[Array], deterministic: bool
+        self, hidden: Array, mask: Array, relative: Array, rel_embeddings: Optional[Array], deterministic: bool
     ) -> Array:
         config = self.config
         heads = config.num_attention_heads
@@ -172,14 +172,14 @@ class DisentangledSelfAttention(nn.Module):
             if "c2p" in terms:
                 position_key = (key_proj if share else projection("pos_key_proj"))(positions)  # [R, N, D]
                 by_distance = jnp.einsum("bqnd,rnd->bnqr", query, position_key)
-                index = np.clip(relative + span, 0, 2 * span - 1)
-                gathered = jnp.take_along_axis(by_distance, jnp.asarray(index)[None, None], axis=-1)
+                index = jnp.clip(relative + span, 0, 2 * span - 1)
+                gathered = jnp.take_along_axis(by_distance, index[None, None], axis=-1)
                 position_scores = position_scores + gathered / scale
             if "p2c" in terms:
                 position_query = (query_proj if share else projection("pos_query_proj"))(positions)  # [R, N, D]
                 by_distance = jnp.einsum("bknd,rnd->bnkr", key, position_query)
-                index = np.clip(-relative + span, 0, 2 * span - 1)
-                gathered = jnp.take_along_axis(by_distance, jnp.asarray(index)[None, None], axis=-1)
+                index = jnp.clip(-relative + span, 0, 2 * span - 1)
+                gathered = jnp.take_along_axis(by_distance, index[None, None], axis=-1)
                 position_scores = position_scores + jnp.swapaxes(gathered, -1, -2) / scale
             scores = scores + position_scores
 
@@ -265,7 +265,7 @@ class DebertaV2LayerStack(nn.Module):
     def __call__(self, hidden, mask, relative, rel_embeddings, conv, input_mask, deterministic: bool) -> Array:
         embedded = hidden
         for index in range(self.config.num_hidden_layers):
-            hidden = DebertaV2Layer(self.config, self.dtype, name=str(index))(
+            hidden = layer(DebertaV2Layer)(self.config, self.dtype, name=str(index))(
                 hidden, mask, relative, rel_embeddings, deterministic
             )
             if index == 0 and conv is not None:

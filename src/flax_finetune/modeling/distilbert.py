@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from flax_finetune.modeling import Family, Output, register, register_family
+from flax_finetune.modeling import Family, Output, layer, register, register_family
 from flax_finetune.modeling.bert import activation, attend, decode_to_vocab, padding_mask
 
 Array = Any
@@ -133,7 +133,7 @@ class DistilBertBlockStack(nn.Module):
     @nn.compact
     def __call__(self, hidden: Array, mask: Optional[Array], deterministic: bool) -> Array:
         for index in range(self.config.n_layers):
-            hidden = DistilBertBlock(self.config, self.dtype, name=str(index))(hidden, mask, deterministic)
+            hidden = layer(DistilBertBlock)(self.config, self.dtype, name=str(index))(hidden, mask, deterministic)
         return hidden
 
 

@@ -6,6 +6,11 @@ kernel [out, in] (the transpose of a Dense kernel) plus bias. With
 `config.tie_word_embeddings` (the default) the output projection is the token
 embedding table and the tree has no `lm_head`.
 
+Generation (`generation.generate`): `prefill` and `decode_step` write keys and values into a
+cache per layer, as generation.py's module docstring describes. `decoder_inputs` and
+`DecoderForCausalLM` (the language-model head over any decoder with GPT2Model's interface, with
+`prefill` / `decode_step`) serve the other decoder families too.
+
 Numerics as Transformers' Flax class: attention scaled by 1/sqrt(head size);
 `scale_attn_weights`, `scale_attn_by_inverse_layer_idx` and
 `reorder_and_upcast_attn` are not read (that class ignores them too).
@@ -16,12 +21,12 @@ D head size, V vocabulary.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from flax_finetune.modeling import Family, Output, register, register_family
+from flax_finetune.modeling import Family, Output, generation, layer, register, register_family
 from flax_finetune.modeling.bert import activation, attend
 
 Array = Any
@@ -43,13 +48,18 @@ class Conv1D(nn.Module):
 
 
 class GPT2Attention(nn.Module):
-    """Causal multi-head self-attention (`c_attn` -> attend -> `c_proj` -> dropout): [B, L, H] -> [B, L, H]."""
+    """Causal multi-head self-attention (`c_attn` -> attend -> `c_proj` -> dropout): [B, L, H] -> [B, L, H].
+
+    With a layer `cache` ({"key", "value"} [B, max_length, N, D]) the keys and values are written
+    at `index` and the queries attend over the whole cache (`mask` [B, 1, L, max_length]).
+    Returns (output, the updated cache or None).
+    """
 
     config: Any
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(self, hidden: Array, mask: Array, deterministic: bool, cache=None, index=None):
         config = self.config
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(
@@ -60,12 +70,15 @@ class GPT2Attention(nn.Module):
         query, key, value = (
             part.reshape(part.shape[:2] + (config.num_attention_heads, -1)) for part in jnp.split(qkv, 3, axis=-1)
         )
+        if cache is not None:
+            cache = generation.update_cache(cache, key, value, index)
+            key, value = cache["key"], cache["value"]
         # one dropout mask for every row and head, as Transformers' Flax GPT-2 (and a third of the cost)
         probs_dropout = nn.Dropout(config.attn_pdrop, broadcast_dims=(0, 1))
         context = attend(query, key, value, mask, probs_dropout, deterministic)
         context = context.reshape(context.shape[:2] + (-1,))
         context = Conv1D(config.hidden_size, self.dtype, stddev, name="c_proj")(context)
-        return nn.Dropout(config.resid_pdrop)(context, deterministic=deterministic)
+        return nn.Dropout(config.resid_pdrop)(context, deterministic=deterministic), cache
 
 
 class GPT2MLP(nn.Module):
@@ -85,31 +98,36 @@ class GPT2MLP(nn.Module):
 
 
 class GPT2Block(nn.Module):
-    """Pre-LayerNorm block: x + attn(ln_1(x)), then + mlp(ln_2(.)): [B, L, H] -> [B, L, H]."""
+    """Pre-LayerNorm block: x + attn(ln_1(x)), then + mlp(ln_2(.)): [B, L, H] -> ([B, L, H], cache)."""
 
     config: Any
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(self, hidden: Array, mask: Array, deterministic: bool, cache=None, index=None):
         eps = self.config.layer_norm_epsilon
         normed = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="ln_1")(hidden)
-        hidden = hidden + GPT2Attention(self.config, self.dtype, name="attn")(normed, mask, deterministic)
+        attended, cache = GPT2Attention(self.config, self.dtype, name="attn")(normed, mask, deterministic, cache, index)
+        hidden = hidden + attended
         normed = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="ln_2")(hidden)
-        return hidden + GPT2MLP(self.config, self.dtype, name="mlp")(normed, deterministic)
+        return hidden + GPT2MLP(self.config, self.dtype, name="mlp")(normed, deterministic), cache
 
 
 class GPT2BlockStack(nn.Module):
-    """`n_layer` blocks named "0", "1", ...: [B, L, H] -> [B, L, H]."""
+    """`n_layer` blocks named "0", "1", ...: [B, L, H] -> ([B, L, H], per-layer caches or None)."""
 
     config: Any
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
-        for index in range(self.config.num_hidden_layers):
-            hidden = GPT2Block(self.config, self.dtype, name=str(index))(hidden, mask, deterministic)
-        return hidden
+    def __call__(self, hidden: Array, mask: Array, deterministic: bool, caches=None, index=None):
+        new_caches = []
+        for number in range(self.config.num_hidden_layers):
+            cache = None if caches is None else caches[number]
+            block = layer(GPT2Block)(self.config, self.dtype, name=str(number))
+            hidden, cache = block(hidden, mask, deterministic, cache, index)
+            new_caches.append(cache)
+        return hidden, (None if caches is None else new_caches)
 
 
 def causal_mask(length: int, attention_mask: Optional[Array]) -> Array:
@@ -120,8 +138,23 @@ def causal_mask(length: int, attention_mask: Optional[Array]) -> Array:
     return mask
 
 
+def decoder_inputs(length: int, attention_mask: Optional[Array], position_ids: Array, state: Optional[dict]):
+    """Position ids [B, L] and attention mask (boolean [B or 1, 1, L, K]) of a decoder's L tokens.
+
+    Without a decoding `state`: the given position ids and the causal mask over the L tokens
+    (K = L). With one (generation.py's): positions and mask over the whole cache (K = max_length)
+    from `generation.cache_inputs`."""
+    if state is None:
+        return position_ids, causal_mask(length, attention_mask)
+    return generation.cache_inputs(state, length)
+
+
 class GPT2Model(nn.Module):
-    """The decoder: ids [B, L] -> final-LayerNorm hidden states [B, L, H]."""
+    """The decoder: ids [B, L] -> (final-LayerNorm hidden states [B, L, H], decoding state or None).
+
+    With a decoding `state` (generation.py's), position ids and the mask come from it, the
+    tokens are written to its cache, and the advanced state is returned.
+    """
 
     config: Any
     dtype: Any = jnp.float32
@@ -133,11 +166,14 @@ class GPT2Model(nn.Module):
         attention_mask: Optional[Array] = None,
         position_ids: Optional[Array] = None,
         deterministic: bool = True,
-    ) -> Array:
+        state: Optional[dict] = None,
+    ):
         config = self.config
         input_ids = jnp.asarray(input_ids, jnp.int32)
+        length = input_ids.shape[-1]
         if position_ids is None:
-            position_ids = jnp.broadcast_to(jnp.arange(input_ids.shape[-1]), input_ids.shape)
+            position_ids = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
+        position_ids, mask = decoder_inputs(length, attention_mask, position_ids, state)
         init = nn.initializers.normal(config.initializer_range)
         hidden = nn.Embed(config.vocab_size, config.hidden_size, embedding_init=init, dtype=self.dtype, name="wte")(
             input_ids
@@ -145,9 +181,11 @@ class GPT2Model(nn.Module):
             config.max_position_embeddings, config.hidden_size, embedding_init=init, dtype=self.dtype, name="wpe"
         )(jnp.asarray(position_ids, jnp.int32))
         hidden = nn.Dropout(config.embd_pdrop)(hidden, deterministic=deterministic)
-        mask = causal_mask(input_ids.shape[-1], attention_mask)
-        hidden = GPT2BlockStack(config, self.dtype, name="h")(hidden, mask, deterministic)
-        return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(hidden)
+        caches, index = (None, None) if state is None else (state["cache"]["layers"], state["index"])
+        hidden, caches = GPT2BlockStack(config, self.dtype, name="h")(hidden, mask, deterministic, caches, index)
+        if state is not None:
+            state = generation.advance_state(state, caches, length)
+        return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=self.dtype, name="ln_f")(hidden), state
 
     def token_embedding(self) -> Array:
         """The token embedding table `wte` [V, H]; call after `__call__`."""
@@ -157,31 +195,61 @@ class GPT2Model(nn.Module):
 register_family("gpt2", Family(base_prefix="transformer"))
 
 
-@register("gpt2", "causal-lm")
-class GPT2LMHeadModel(nn.Module):
-    """GPT-2 language model: `Module(config=..., dtype=...)`.
+class DecoderForCausalLM(nn.Module):
+    """A decoder (`base_class`, named `base_name`) with a language-modelling head: `Module(config=..., dtype=...)`.
 
-    Inputs: input_ids [B, L]; optional attention_mask [B, L] (1 = token,
-    0 = padding) and position_ids [B, L] (default 0..L-1). Logits [B, L, V]
-    (float32); position t scores the token at t + 1.
+    Inputs: input_ids [B, L]; optional attention_mask [B, L] (1 = token, 0 = padding) and
+    position_ids [B, L]. Logits [B, L, V] (float32); position t scores the token at t + 1. With
+    `config.tie_word_embeddings` the projection is the base's token embedding table (its
+    `token_embedding()`), else an `lm_head` Dense without bias. `prefill` and `decode_step`
+    serve `generation.generate`; the base takes GPT2Model's arguments (a decoding `state`
+    included) and its config names its layer count `num_hidden_layers`.
     """
 
     config: Any
     dtype: Any = jnp.float32
+    base_class: ClassVar[type]
+    base_name: ClassVar[str]
+    init_std_name: ClassVar[str] = "initializer_range"
 
-    @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True) -> Output:
+    def setup(self):
         config = self.config
-        transformer = GPT2Model(config, self.dtype, name="transformer")
-        hidden = transformer(input_ids, attention_mask, position_ids, deterministic)
-        if config.tie_word_embeddings:
-            logits = hidden @ jnp.asarray(transformer.token_embedding(), self.dtype).T
-        else:
-            logits = nn.Dense(
-                config.vocab_size,
-                use_bias=False,
-                dtype=self.dtype,
-                kernel_init=nn.initializers.normal(config.initializer_range),
-                name="lm_head",
-            )(hidden)
-        return Output(logits=logits.astype(jnp.float32))
+        setattr(self, self.base_name, self.base_class(config, self.dtype))  # named after the attribute
+        if not config.tie_word_embeddings:
+            init = nn.initializers.normal(getattr(config, self.init_std_name))
+            self.lm_head = nn.Dense(config.vocab_size, use_bias=False, dtype=self.dtype, kernel_init=init)
+
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True) -> Output:
+        hidden, _ = getattr(self, self.base_name)(input_ids, attention_mask, position_ids, deterministic)
+        return Output(logits=self._logits(hidden))
+
+    def prefill(self, input_ids, attention_mask, *, max_length: int):
+        """The left-padded prompt input_ids/attention_mask [B, P] into a cache for max_length tokens:
+        (logits [B, V] float32 of the last prompt position, decoding state)."""
+        config = self.config
+        heads = config.num_attention_heads
+        state = generation.init_state(
+            attention_mask, max_length, config.num_hidden_layers, heads, config.hidden_size // heads, self.dtype
+        )
+        hidden, state = getattr(self, self.base_name)(input_ids, state=state)
+        return self._logits(hidden[:, -1]), state
+
+    def decode_step(self, token_ids, state):
+        """One token per row, token_ids [B] -> (logits [B, V] float32 of the next token, next state)."""
+        hidden, state = getattr(self, self.base_name)(token_ids[:, None], state=state)
+        return self._logits(hidden[:, 0]), state
+
+    def _logits(self, hidden: Array) -> Array:
+        """hidden [..., H] -> float32 logits [..., V]."""
+        if self.config.tie_word_embeddings:
+            embedding = getattr(self, self.base_name).token_embedding()
+            return (hidden @ jnp.asarray(embedding, self.dtype).T).astype(jnp.float32)
+        return self.lm_head(hidden).astype(jnp.float32)
+
+
+@register("gpt2", "causal-lm")
+class GPT2LMHeadModel(DecoderForCausalLM):
+    """GPT-2 language model (FlaxGPT2LMHeadModel's tree); see DecoderForCausalLM."""
+
+    base_class = GPT2Model
+    base_name = "transformer"

@@ -37,7 +37,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from flax_finetune.modeling import Family, Output, register, register_family
+from flax_finetune.modeling import Family, Output, layer, register, register_family
 from flax_finetune.modeling.bert import _split_span_logits, activation, padding_mask
 
 Array = Any
@@ -243,7 +243,7 @@ class ModernBertLayerStack(nn.Module):
     @nn.compact
     def __call__(self, hidden: Array, masks: dict, position_ids: Array, deterministic: bool) -> Array:
         for index in range(self.config.num_hidden_layers):
-            hidden = ModernBertLayer(self.config, index, self.dtype, name=str(index))(
+            hidden = layer(ModernBertLayer)(self.config, index, self.dtype, name=str(index))(
                 hidden, masks, position_ids, deterministic
             )
         return hidden

@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from flax_finetune.modeling import Family, Output, register, register_family
+from flax_finetune.modeling import Family, Output, layer, register, register_family
 from flax_finetune.modeling.albert import project_heads
 from flax_finetune.modeling.bert import (
     BertIntermediate,
@@ -121,7 +121,9 @@ class RoFormerLayerStack(nn.Module):
     @nn.compact
     def __call__(self, hidden: Array, mask: Optional[Array], position_ids: Array, deterministic: bool) -> Array:
         for index in range(self.config.num_hidden_layers):
-            hidden = RoFormerLayer(self.config, self.dtype, name=str(index))(hidden, mask, position_ids, deterministic)
+            hidden = layer(RoFormerLayer)(self.config, self.dtype, name=str(index))(
+                hidden, mask, position_ids, deterministic
+            )
         return hidden
 
 

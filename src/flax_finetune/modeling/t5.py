@@ -36,7 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import Family, Output, register, register_family
+from . import Family, Output, layer, register, register_family
 from .generation import update_cache
 
 ACTIVATIONS = {
@@ -358,7 +358,7 @@ class T5Blocks(nn.Module):
 
     def setup(self):
         self.blocks = [
-            T5BlockEntry(
+            layer(T5BlockEntry)(
                 self.config,
                 self.causal,
                 has_relative_attention_bias=self.relative_bias_per_layer or i == 0,

@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from . import Family, Output, register, register_family
+from . import Family, Output, layer, register, register_family
 from .generation import update_cache
 
 ACTIVATIONS = {
@@ -195,12 +195,12 @@ class WhisperEncoderLayers(nn.Module):
 
     def setup(self):
         self.layers = [
-            WhisperEncoderLayer(self.config, dtype=self.dtype, name=str(i)) for i in range(self.config.encoder_layers)
+            layer(WhisperEncoderLayer)(self.config, dtype=self.dtype, name=str(i)) for i in range(self.config.encoder_layers)
         ]
 
     def __call__(self, hidden, deterministic=True):
-        for layer in self.layers:
-            hidden = layer(hidden, deterministic=deterministic)
+        for block in self.layers:
+            hidden = block(hidden, deterministic=deterministic)
         return hidden
 
 
@@ -212,17 +212,17 @@ class WhisperDecoderLayers(nn.Module):
 
     def setup(self):
         self.layers = [
-            WhisperDecoderLayer(self.config, dtype=self.dtype, name=str(i)) for i in range(self.config.decoder_layers)
+            layer(WhisperDecoderLayer)(self.config, dtype=self.dtype, name=str(i)) for i in range(self.config.decoder_layers)
         ]
 
     def cross_keys_values(self, encoder_hidden_states):
         """-> per layer (keys, values), each [batch, frames, heads, head_dim]."""
-        return [layer.cross_keys_values(encoder_hidden_states) for layer in self.layers]
+        return [block.cross_keys_values(encoder_hidden_states) for block in self.layers]
 
     def __call__(self, hidden, *, self_bias, cross_keys_values, caches=None, position=None, deterministic=True):
         new_caches = []
-        for i, layer in enumerate(self.layers):
-            hidden, cache = layer(
+        for i, block in enumerate(self.layers):
+            hidden, cache = block(
                 hidden,
                 self_bias=self_bias,
                 cross_keys_values=cross_keys_values[i],
