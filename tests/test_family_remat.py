@@ -27,7 +27,9 @@ FIXTURE_TASKS = {
     "tiny-distilbert": "token-classification", "tiny-electra": "masked-lm", "tiny-albert": "masked-lm",
     "tiny-roformer": "question-answering", "tiny-deberta-v3": "sequence-classification",
     "tiny-modernbert": "masked-lm", "tiny-gpt2": "causal-lm", "tiny-bart": "seq2seq-lm", "tiny-t5": "seq2seq-lm",
-    "tiny-mt5": "seq2seq-lm", "tiny-whisper": "speech-seq2seq",
+    "tiny-mt5": "seq2seq-lm", "tiny-whisper": "speech-seq2seq", "tiny-llama": "causal-lm", "tiny-mistral": "causal-lm",
+    "tiny-qwen2": "sequence-classification", "tiny-qwen3": "causal-lm", "tiny-gemma": "causal-lm",
+    "tiny-gemma2": "causal-lm", "tiny-gpt-neo": "causal-lm", "tiny-opt": "sequence-classification",
 }
 
 
