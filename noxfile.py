@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -255,15 +256,16 @@ def report_stem(session: nox.Session) -> str:
 
 
 def cache_threshold(jax_version: str) -> str:
-    """JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS for the tests: cache every program where that is safe.
-
-    The tests compile hundreds of small programs (0.1-0.5 s each); caching them all halves the parity
-    tests on a warm cache (166 s -> 98 s in one process, tf457 cell). jaxlib 0.4.26 on CPU segfaults
-    running some small programs read back from the cache (a resumed train step in
-    tests/test_checkpoints.py), so below jax 0.9 only programs slower than 0.5 s to compile are cached.
-    """
-    major, minor = (int(part) for part in jax_version.split(".")[:2])
-    return "0" if (major, minor) >= (0, 9) else "0.5"
+    """JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS for the tests: the package's safe threshold for this jax
+    (`flax_finetune.compilation.min_compile_seconds`, which imports only the standard library). The
+    tests compile hundreds of small programs (0.1-0.5 s each); caching them all halves the parity tests
+    on a warm cache (166 s -> 98 s in one process, tf457 cell)."""
+    sys.path.insert(0, str(ROOT / "src"))
+    try:
+        from flax_finetune.compilation import min_compile_seconds
+    finally:
+        sys.path.remove(str(ROOT / "src"))
+    return f"{min_compile_seconds(jax_version):g}"
 
 
 def pytest_calls(backend: str, markers: str) -> list[tuple[list[str], dict[str, str | None]]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-import pytest
 
 from conftest import DATA, MODELS, load_script, read_log, read_results
 from learning import Bar, assert_fine_tuning_learned, evaluation_only, text_baselines

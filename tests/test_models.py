@@ -15,11 +15,14 @@ ENCODERS = ["albert", "bert", "deberta-v2", "distilbert", "electra", "modernbert
             "roformer", "xlm-roberta"]
 
 
+DECODERS = ["gemma", "gemma2", "gpt_neo", "llama", "mistral", "opt", "qwen2", "qwen3"]
+
+
 def test_every_script_architecture_is_implemented():
-    assert models.supported("sequence-classification") == sorted(ENCODERS + ["bart"])
+    assert models.supported("sequence-classification") == sorted(ENCODERS + DECODERS + ["bart"])
     for task in ("token-classification", "question-answering", "masked-lm"):
         assert models.supported(task) == ENCODERS
-    assert models.supported("causal-lm") == ["gpt2"]
+    assert models.supported("causal-lm") == sorted(DECODERS + ["gpt2"])
     assert models.supported("seq2seq-lm") == ["bart", "marian", "mbart", "mt5", "pegasus", "t5", "umt5"]
     assert models.supported("speech-seq2seq") == ["whisper"]
 

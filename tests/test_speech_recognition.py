@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-import pytest
 
 from conftest import DATA, MODELS, load_script, read_results
 from flax_finetune import audio, wer

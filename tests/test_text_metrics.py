@@ -105,6 +105,41 @@ def test_rouge_matches_rouge_score(use_stemmer):
     assert rouge.rouge(predictions, references, use_stemmer=use_stemmer) == pytest.approx(means, abs=1e-12)
 
 
+def dynamic_programming_lcs(reference: list[str], candidate: list[str]) -> tuple[int, set[int]]:
+    """The LCS length and rouge_score's backtracked reference positions from the full
+    table, as rouge.py computed them before its bit-parallel rows: the oracle."""
+    table = [[0] * (len(candidate) + 1) for _ in range(len(reference) + 1)]
+    for i, reference_token in enumerate(reference, start=1):
+        for j, candidate_token in enumerate(candidate, start=1):
+            if reference_token == candidate_token:
+                table[i][j] = table[i - 1][j - 1] + 1
+            else:
+                table[i][j] = max(table[i - 1][j], table[i][j - 1])
+    positions, i, j = set(), len(reference), len(candidate)
+    while i > 0 and j > 0:
+        if reference[i - 1] == candidate[j - 1]:
+            positions.add(i - 1)
+            i, j = i - 1, j - 1
+        elif table[i][j - 1] > table[i - 1][j]:
+            j -= 1
+        else:
+            i -= 1
+    return table[-1][-1], positions
+
+
+def test_lcs_length_and_positions_match_the_full_table():
+    """Bit-parallel LCS rows give the full table's length and the same backtracked positions,
+    on short and long token lists over small vocabularies (many equal tokens, many tied paths)."""
+    rng = random.Random(1)
+    for _ in range(400):
+        vocabulary = ROUGE_WORDS[: rng.randint(1, 6)]
+        reference = [rng.choice(vocabulary) for _ in range(rng.choice([0, 1, 3, 15, 70, 130]))]
+        candidate = [rng.choice(vocabulary) for _ in range(rng.choice([0, 1, 3, 15, 70, 130]))]
+        length, positions = dynamic_programming_lcs(reference, candidate)
+        assert rouge.lcs_length(reference, candidate) == length
+        assert rouge.lcs_reference_positions(reference, candidate) == positions
+
+
 # --- Entities (seqeval) --------------------------------------------------------
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Optional
 
 import numpy as np
 
@@ -108,45 +107,94 @@ def answer_positions(offsets, sequence_ids, context_id: int, cls_index: int, ans
     return start, end
 
 
-def best_answers(example: dict, windows: list[tuple[np.ndarray, ...]], args: QuestionAnsweringDataArguments):
-    """(answer text, n-best list, null-score difference) of one question.
+def span_candidates(outputs: dict, features: dict, args: QuestionAnsweringDataArguments) -> dict[str, np.ndarray]:
+    """Every allowed span of every window, best first within each question.
 
-    windows: (start_logits, end_logits, offset_start, offset_end, cls_index)
-    per window; offsets are -1 outside the context.
+    outputs: start_logits, end_logits [windows, length]; features: example_index,
+    cls_index [windows], offset_start, offset_end [windows, length] (-1 outside the
+    context). Each window's n_best_size best starts and ends are paired at once
+    ([windows, n_best_size**2]); a span must lie in the context, end at or after its
+    start and be at most max_answer_length tokens. Returns per span ([spans]):
+    example, rank (0 = the question's best), first_character, last_character
+    (exclusive), start_logit and end_logit (float64), sorted by question, then by
+    score; equal scores keep the order of windows, starts, then ends.
     """
-    candidates, null_score = [], None
-    for start_logits, end_logits, offset_start, offset_end, cls_index in windows:
-        window_null = float(start_logits[cls_index] + end_logits[cls_index])
-        null_score = window_null if null_score is None else min(null_score, window_null)
-        starts = np.argsort(start_logits)[::-1][: args.n_best_size]
-        ends = np.argsort(end_logits)[::-1][: args.n_best_size]
-        for start in starts:
-            for end in ends:
-                if offset_start[start] < 0 or offset_end[end] < 0 or end < start:
-                    continue
-                if end - start + 1 > args.max_answer_length:
-                    continue
-                candidates.append({
-                    "text": example["context"][offset_start[start] : offset_end[end]],
-                    "start_logit": float(start_logits[start]),
-                    "end_logit": float(end_logits[end]),
-                })
-    candidates.sort(key=lambda candidate: candidate["start_logit"] + candidate["end_logit"], reverse=True)
-    best_span = candidates[0] if candidates else None
-    if args.version_2_with_negative:
-        candidates.append({"text": "", "start_logit": null_score / 2, "end_logit": null_score / 2})
-        candidates.sort(key=lambda candidate: candidate["start_logit"] + candidate["end_logit"], reverse=True)
-    nbest = candidates[: args.n_best_size] or [{"text": "", "start_logit": 0.0, "end_logit": 0.0}]
-    scores = np.array([c["start_logit"] + c["end_logit"] for c in nbest])
-    probabilities = np.exp(scores - scores.max())
-    probabilities /= probabilities.sum()
-    nbest = [{**candidate, "probability": float(p)} for candidate, p in zip(nbest, probabilities)]
-    if not args.version_2_with_negative:
-        return (best_span["text"] if best_span else ""), nbest, None
-    if best_span is None:
-        return "", nbest, None
-    difference = null_score - (best_span["start_logit"] + best_span["end_logit"])
-    return ("" if difference > args.null_score_diff_threshold else best_span["text"]), nbest, difference
+    start_logits, end_logits = np.asarray(outputs["start_logits"]), np.asarray(outputs["end_logits"])
+    offset_start, offset_end = np.asarray(features["offset_start"]), np.asarray(features["offset_end"])
+    example_index = np.asarray(features["example_index"], np.int64)
+    starts = np.argsort(start_logits, axis=-1)[:, ::-1][:, : args.n_best_size]  # [windows, n]
+    ends = np.argsort(end_logits, axis=-1)[:, ::-1][:, : args.n_best_size]
+    pair_starts = np.repeat(starts, ends.shape[1], axis=1)  # [windows, n * n], start-major as nested loops
+    pair_ends = np.tile(ends, (1, starts.shape[1]))
+    first_character = np.take_along_axis(offset_start, pair_starts, axis=1)
+    last_character = np.take_along_axis(offset_end, pair_ends, axis=1)
+    allowed = (
+        (first_character >= 0) & (last_character >= 0) & (pair_ends >= pair_starts)
+        & (pair_ends - pair_starts + 1 <= args.max_answer_length)
+    )
+    windows, pairs = np.nonzero(allowed)  # row-major: windows, then pairs in loop order
+    span_starts, span_ends = pair_starts[windows, pairs], pair_ends[windows, pairs]
+    start_scores = start_logits[windows, span_starts].astype(np.float64)
+    end_scores = end_logits[windows, span_ends].astype(np.float64)
+    order = np.lexsort((-(start_scores + end_scores), example_index[windows]))  # stable: ties keep loop order
+    examples = example_index[windows[order]]
+    question_starts = np.searchsorted(examples, examples)  # first position of each span's question
+    return {
+        "example": examples,
+        "rank": np.arange(len(order)) - question_starts,
+        "first_character": first_character[windows, pairs][order],
+        "last_character": last_character[windows, pairs][order],
+        "start_logit": start_scores[order],
+        "end_logit": end_scores[order],
+    }
+
+
+def null_scores(outputs: dict, features: dict, questions: int) -> np.ndarray:
+    """[questions] the lowest start + end logit at [CLS] over each question's windows (inf: no window)."""
+    windows = np.arange(len(features["cls_index"]))
+    cls_index = np.asarray(features["cls_index"], np.int64)
+    start_logits, end_logits = np.asarray(outputs["start_logits"]), np.asarray(outputs["end_logits"])
+    per_window = start_logits[windows, cls_index] + end_logits[windows, cls_index]  # in the logits' dtype
+    lowest = np.full(questions, np.inf)
+    np.minimum.at(lowest, np.asarray(features["example_index"], np.int64), per_window.astype(np.float64))
+    return lowest
+
+
+def answer_all(outputs: dict, features: dict, ids: list, contexts: list, args: QuestionAnsweringDataArguments):
+    """{id: answer}, {id: n-best list}, {id: null-score difference or None} of every question.
+
+    The n-best list holds the n_best_size best spans (text, start_logit,
+    end_logit, probability); with --version_2_with_negative the empty answer
+    joins it with half the null score as each logit, after the spans of an
+    equal score. See span_candidates for the arrays' shapes.
+    """
+    spans = span_candidates(outputs, features, args)
+    kept = spans["rank"] < args.n_best_size
+    by_question: list[list[list]] = [[] for _ in ids]  # (first, last character, start, end logit) best first
+    columns = ("example", "first_character", "last_character", "start_logit", "end_logit")
+    for example, *span in zip(*(spans[name][kept].tolist() for name in columns)):
+        by_question[example].append(span)
+    nulls = null_scores(outputs, features, len(ids)).tolist() if args.version_2_with_negative else None
+    answers, nbests, null_odds = {}, {}, {}
+    for question, (question_id, context) in enumerate(zip(ids, contexts)):
+        candidates = [{"text": context[first:last], "start_logit": start_logit, "end_logit": end_logit}
+                      for first, last, start_logit, end_logit in by_question[question]]
+        best_span = candidates[0] if candidates else None
+        if args.version_2_with_negative:
+            half = nulls[question] / 2
+            place = sum(candidate["start_logit"] + candidate["end_logit"] >= half + half for candidate in candidates)
+            candidates.insert(place, {"text": "", "start_logit": half, "end_logit": half})
+        nbest = candidates[: args.n_best_size] or [{"text": "", "start_logit": 0.0, "end_logit": 0.0}]
+        scores = np.array([candidate["start_logit"] + candidate["end_logit"] for candidate in nbest])
+        probabilities = np.exp(scores - scores.max())
+        probabilities /= probabilities.sum()
+        nbests[question_id] = [{**candidate, "probability": float(p)} for candidate, p in zip(nbest, probabilities)]
+        answers[question_id], null_odds[question_id] = (best_span["text"] if best_span else ""), None
+        if args.version_2_with_negative and best_span is not None:
+            null_odds[question_id] = nulls[question] - (best_span["start_logit"] + best_span["end_logit"])
+            if null_odds[question_id] > args.null_score_diff_threshold:
+                answers[question_id] = ""
+    return answers, nbests, null_odds
 
 
 def main(argv=None):
@@ -228,33 +276,28 @@ def main(argv=None):
         start_logits, end_logits = span_logits(params, batch, train=False)
         return {"start_logits": start_logits, "end_logits": end_logits}
 
-    examples = {"eval": splits.get("validation"), "test": splits.get("test")}
+    # per split, read once rather than at every evaluation: (ids, contexts) and {id: gold answers}
+    examples = {split: splits[name] for split, name in (("eval", "validation"), ("test", "test")) if name in splits}
+    questions = {split: (list(dataset["id"]), list(dataset["context"])) for split, dataset in examples.items()}
+    references = {
+        split: {question_id: list(answers["text"]) for question_id, answers in zip(dataset["id"], dataset["answers"])}
+        for split, dataset in examples.items() if "answers" in dataset.column_names
+    }
 
-    def answer_all(outputs, split):
-        """{id: answer}, {id: n-best}, {id: null-score difference} for every question of a split."""
+    def answers_of(outputs, split):
+        """answer_all over the windows of a split ("eval" or "test")."""
         features = rows["validation" if split == "eval" else "test"].columns
-        by_example: dict[int, list] = {}
-        for window, example in enumerate(features["example_index"]):
-            by_example.setdefault(int(example), []).append((
-                outputs["start_logits"][window], outputs["end_logits"][window],
-                features["offset_start"][window], features["offset_end"][window], int(features["cls_index"][window]),
-            ))
-        answers, nbests, null_odds = {}, {}, {}
-        for index, example in enumerate(examples[split]):
-            text, nbest, difference = best_answers(example, by_example.get(index, []), data_args)
-            answers[example["id"]], nbests[example["id"]], null_odds[example["id"]] = text, nbest, difference
-        return answers, nbests, null_odds
+        return answer_all(outputs, features, *questions[split], data_args)
 
     def compute_metrics(outputs, split):
-        answers, _, _ = answer_all(outputs, split)
-        references = {example["id"]: list(example["answers"]["text"]) for example in examples[split]}
+        answers, _, _ = answers_of(outputs, split)
         if data_args.version_2_with_negative:
-            return squad.squad_v2(answers, references)
-        scores = squad.squad_v1(answers, references)
+            return squad.squad_v2(answers, references[split])
+        scores = squad.squad_v1(answers, references[split])
         return {"exact": scores["exact_match"], "f1": scores["f1"]}
 
     def write_predictions(outputs, split):
-        answers, nbests, null_odds = answer_all(outputs, split)
+        answers, nbests, null_odds = answers_of(outputs, split)
         run.output.write_text(f"{split}_predictions.json", json.dumps(answers, indent=2) + "\n")
         run.output.write_text(f"{split}_nbest_predictions.json", json.dumps(nbests, indent=2) + "\n")
         if data_args.version_2_with_negative:

@@ -294,6 +294,10 @@ class TrainingArguments:
     )
     seed: int = arg(42, "Seed of initialisation, shuffling and dropout.")
     disable_tqdm: bool = arg(False, "No progress bars (they are off anyway when stderr is not a terminal).")
+    compilation_cache_dir: Optional[str] = arg(
+        None, "Persistent compilation cache, so a rerun does not compile again (default: $JAX_COMPILATION_CACHE_DIR, "
+        "else $XDG_CACHE_HOME or ~/.cache, + flax-finetune/jax); none turns it off."
+    )
     report_to: Optional[list[str]] = arg(
         None, "Where metrics go: none, or jsonl and/or tensorboard (default: jsonl, and tensorboard when "
         "tensorboardX is installed)."

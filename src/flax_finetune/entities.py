@@ -7,7 +7,10 @@ all work and an I- tag after O or after another type opens a new chunk.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections import Counter
+from typing import Optional
 
 Entity = tuple[str, int, int]
 
@@ -36,17 +39,27 @@ def _chunk_starts(previous_letter: str, letter: str, previous_type: str, entity_
     )
 
 
+@functools.lru_cache(maxsize=1 << 12)
+def _boundary(previous_tag: Optional[str], tag: str) -> tuple[Optional[str], bool]:
+    """(type of the chunk that ends before `tag`, else None; whether a chunk starts at `tag`)
+    after `previous_tag` (None at a sequence's start). Cached: a tag set has few pairs."""
+    previous_letter, previous_type = _split_tag(previous_tag) if previous_tag is not None else ("O", "")
+    letter, entity_type = _split_tag(tag)
+    ends = _chunk_ends(previous_letter, letter, previous_type, entity_type)
+    return (previous_type if ends else None), _chunk_starts(previous_letter, letter, previous_type, entity_type)
+
+
 def extract_entities(tags: list[str]) -> list[Entity]:
     """(type, first index, last index) of every chunk in a tag sequence, as seqeval's get_entities."""
     entities = []
-    previous_letter, previous_type, start = "O", "", 0
+    previous, start = None, 0
     for index, tag in enumerate([*tags, "O"]):
-        letter, entity_type = _split_tag(tag)
-        if _chunk_ends(previous_letter, letter, previous_type, entity_type):
-            entities.append((previous_type, start, index - 1))
-        if _chunk_starts(previous_letter, letter, previous_type, entity_type):
+        ended_type, starts = _boundary(previous, tag)
+        if ended_type is not None:
+            entities.append((ended_type, start, index - 1))
+        if starts:
             start = index
-        previous_letter, previous_type = letter, entity_type
+        previous = tag
     return entities
 
 
@@ -71,8 +84,9 @@ def entity_scores(references: list[list[str]], predictions: list[list[str]]) -> 
     if not token_count:
         raise ValueError("entity_scores needs at least one tag")
     # As seqeval: sentences are joined with an "O" between them, so no chunk spans two.
-    reference_entities = set(extract_entities([tag for sentence in references for tag in [*sentence, "O"]]))
-    predicted_entities = set(extract_entities([tag for sentence in predictions for tag in [*sentence, "O"]]))
+    reference_tags = [tag for sentence in references for tag in [*sentence, "O"]]
+    predicted_tags = [tag for sentence in predictions for tag in [*sentence, "O"]]
+    reference_entities, predicted_entities = set(extract_entities(reference_tags)), set(extract_entities(predicted_tags))
     correct_entities = reference_entities & predicted_entities
 
     def count_by_type(entities: set[Entity]) -> Counter[str]:
@@ -86,11 +100,7 @@ def entity_scores(references: list[list[str]], predictions: list[list[str]]) -> 
         }
         for entity_type in sorted(predicted.keys() | actual.keys())
     }
-    matching_tags = sum(
-        reference_tag == predicted_tag
-        for reference, prediction in zip(references, predictions)
-        for reference_tag, predicted_tag in zip(reference, prediction)
-    )
+    matching_tags = sum(map(operator.eq, reference_tags, predicted_tags)) - len(references)  # less the joining "O"s
     return {
         **_scores(len(correct_entities), len(predicted_entities), len(reference_entities)),
         "accuracy": matching_tags / token_count,

@@ -139,11 +139,10 @@ def example_inputs(config: Any, task: str) -> dict:
 
 
 def init_function(module: Any, config: Any, task: str):
-    """seed key -> a freshly initialised params tree, jitted (one compilation instead of op by op)."""
-    import jax
-
+    """PRNG key -> a freshly initialised params tree (traceable: `jax.eval_shape` gives the shapes;
+    `initialisation.Initialiser` computes the values without compiling it as one program)."""
     inputs = example_inputs(config, task)
-    return jax.jit(lambda key: module.init(key, **inputs)["params"])
+    return lambda key: module.init(key, **inputs)["params"]
 
 
 def _generation_config(folder: Optional[Path], config: Any) -> Any:
@@ -189,18 +188,20 @@ def load(
     """Load pretrained weights for `task` from a folder or hub name.
 
     `config` overrides the checkpoint's config (e.g. a new label count); heads
-    the checkpoint does not have are initialised from `seed` (logged). `hub`
-    holds cache_dir / revision / token for hub downloads.
+    the checkpoint does not have are initialised from `seed` (logged), and
+    only they: nothing else of the initialisation is computed. `hub` holds
+    cache_dir / revision / token for hub downloads.
     """
     import jax
 
+    from flax_finetune.initialisation import Initialiser
     from flax_finetune.modeling import checkpoint_io
 
     folder = _local_folder(name_or_path, hub)
     config = config if config is not None else load_config(str(folder))
     module = module_class(config, task)(config=config, dtype=_jnp_dtype(dtype))
-    init = init_function(module, config, task)
-    shapes = jax.eval_shape(init, jax.random.PRNGKey(seed))
+    initialiser = Initialiser(init_function(module, config, task), jax.random.PRNGKey(seed))
+    shapes = initialiser.shapes
     try:
         params, missing, unexpected = checkpoint_io.read_params(
             folder, shapes, base_model_prefix(config.model_type), config.model_type
@@ -211,7 +212,7 @@ def load(
         logger.info("%s: not used by the %s model: %s", name_or_path, task, _summary(unexpected))
     if missing:
         logger.info("%s: newly initialised (not in the checkpoint): %s", name_or_path, _summary(["/".join(p) for p in missing]))
-        params = _fill_missing(params, init(jax.random.PRNGKey(seed)))
+        params = _fill_missing(params, initialiser.values(set(missing)), shapes)
     return Model(module, params, config, _generation_config(folder, config))
 
 
@@ -220,23 +221,22 @@ def _summary(names: list[str], shown: int = 8) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def _fill_missing(params: dict, initialised: Any) -> dict:
-    """`initialised`'s values wherever `params` has no entry; `params` elsewhere."""
-    import jax
+def _fill_missing(params: dict, initialised: dict, shapes: Any) -> dict:
+    """`params` with the leaves it lacks taken from `initialised`, in the order of the `shapes` tree."""
     from flax.traverse_util import flatten_dict, unflatten_dict
 
-    loaded = flatten_dict(params)
-    return unflatten_dict({
-        path: loaded.get(path, value) for path, value in flatten_dict(jax.device_get(initialised)).items()
-    })
+    loaded, new = flatten_dict(params), flatten_dict(initialised)
+    return unflatten_dict({path: loaded[path] if path in loaded else new[path] for path in flatten_dict(shapes)})
 
 
 def from_config(config: Any, task: str, *, dtype: str = "float32", seed: int = 0) -> Model:
-    """A freshly initialised model (training from scratch)."""
+    """A freshly initialised model (training from scratch); the same params for the same `seed`."""
     import jax
 
+    from flax_finetune.initialisation import Initialiser
+
     module = module_class(config, task)(config=config, dtype=_jnp_dtype(dtype))
-    params = jax.device_get(init_function(module, config, task)(jax.random.PRNGKey(seed)))
+    params = Initialiser(init_function(module, config, task), jax.random.PRNGKey(seed)).values()
     return Model(module, params, config, _generation_config(None, config))
 
 

@@ -37,12 +37,17 @@ def _porter_stemmer():
     return PorterStemmer()
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _stem(token: str) -> str:
+    """Porter stem of one token, cached: a corpus repeats its words, and stemming is most of tokenising."""
+    return _porter_stemmer().stem(token)
+
+
 def tokenize(text: str, use_stemmer: bool = True) -> list[str]:
     """rouge_score's default tokenizer: lowercase alphanumeric runs, stemming words over 3 chars."""
     tokens = _NON_ALPHANUMERIC.sub(" ", text.lower()).split()
     if use_stemmer:
-        stem = _porter_stemmer().stem
-        tokens = [stem(token) if len(token) > 3 else token for token in tokens]
+        tokens = [_stem(token) if len(token) > 3 else token for token in tokens]
     return tokens
 
 
@@ -59,29 +64,45 @@ def _ngram_f_measure(prediction: list[str], reference: list[str], n: int) -> flo
     return _f_measure(hits, sum(prediction_ngrams.values()), sum(reference_ngrams.values()))
 
 
-def _lcs_table(reference: list[str], candidate: list[str]) -> list[list[int]]:
-    """table[i][j] = LCS length of reference[:i] and candidate[:j]."""
-    table = [[0] * (len(candidate) + 1) for _ in range(len(reference) + 1)]
-    for i, reference_token in enumerate(reference, start=1):
-        row, previous_row = table[i], table[i - 1]
-        for j, candidate_token in enumerate(candidate, start=1):
-            if reference_token == candidate_token:
-                row[j] = previous_row[j - 1] + 1
-            else:
-                row[j] = max(previous_row[j], row[j - 1])
-    return table
+def _lcs_rows(reference: list[str], candidate: list[str]) -> list[int]:
+    """The LCS table's rows as bit masks (Hyyro's bit-parallel LCS), one per reference prefix.
+
+    Bit j of rows[i] is 0 where the LCS of reference[:i] and candidate[:j + 1] is one
+    longer than that of reference[:i] and candidate[:j]: each row costs a few integer
+    operations instead of a loop over the candidate.
+    """
+    matches: dict[str, int] = {}
+    for position, token in enumerate(candidate):
+        matches[token] = matches.get(token, 0) | 1 << position
+    every = (1 << len(candidate)) - 1
+    rows = [every]
+    for token in reference:
+        row = rows[-1]
+        matched = row & matches.get(token, 0)
+        rows.append(((row + matched) | (row - matched)) & every)
+    return rows
 
 
-def _lcs_reference_positions(reference: list[str], candidate: list[str]) -> set[int]:
+def _lcs_table_entry(rows: list[int], i: int, j: int) -> int:
+    """LCS length of reference[:i] and candidate[:j]: the 0 bits of rows[i] below bit j."""
+    return j - (rows[i] & ((1 << j) - 1)).bit_count()
+
+
+def lcs_length(reference: list[str], candidate: list[str]) -> int:
+    """Length of the longest common subsequence of two token lists."""
+    return len(candidate) - _lcs_rows(reference, candidate)[-1].bit_count()
+
+
+def lcs_reference_positions(reference: list[str], candidate: list[str]) -> set[int]:
     """Positions in `reference` of one LCS, chosen by rouge_score's backtracking order."""
-    table = _lcs_table(reference, candidate)
+    rows = _lcs_rows(reference, candidate)
     positions = set()
     i, j = len(reference), len(candidate)
     while i > 0 and j > 0:
         if reference[i - 1] == candidate[j - 1]:
             positions.add(i - 1)
             i, j = i - 1, j - 1
-        elif table[i][j - 1] > table[i - 1][j]:
+        elif _lcs_table_entry(rows, i, j - 1) > _lcs_table_entry(rows, i - 1, j):
             j -= 1
         else:
             i -= 1
@@ -91,7 +112,7 @@ def _lcs_reference_positions(reference: list[str], candidate: list[str]) -> set[
 def _lcs_f_measure(prediction: list[str], reference: list[str]) -> float:
     if not prediction or not reference:
         return 0.0
-    return _f_measure(_lcs_table(reference, prediction)[-1][-1], len(prediction), len(reference))
+    return _f_measure(lcs_length(reference, prediction), len(prediction), len(reference))
 
 
 def _summary_lcs_f_measure(prediction_sentences: list[list[str]], reference_sentences: list[list[str]]) -> float:
@@ -104,7 +125,7 @@ def _summary_lcs_f_measure(prediction_sentences: list[list[str]], reference_sent
         return 0.0
     hits = 0
     for reference_sentence in reference_sentences:
-        union = set().union(*(_lcs_reference_positions(reference_sentence, s) for s in prediction_sentences))
+        union = set().union(*(lcs_reference_positions(reference_sentence, s) for s in prediction_sentences))
         for token in (reference_sentence[position] for position in sorted(union)):
             if unused_prediction[token] > 0 and unused_reference[token] > 0:
                 hits += 1

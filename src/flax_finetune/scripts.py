@@ -284,9 +284,13 @@ class Run:
         return pad_rows(mapped, pad_values, length)
 
     def model(self, model_args: Any, task: str, config: Any) -> Any:
-        """Pretrained weights from --model_name_or_path, else a new model from `config`."""
-        from flax_finetune import models
+        """Pretrained weights from --model_name_or_path, else a new model from `config`.
 
+        The first step that compiles: the persistent compilation cache is set up here (see `compilation`).
+        """
+        from flax_finetune import compilation, models
+
+        compilation.enable(self.args.compilation_cache_dir)
         self.task = task
         if model_args.model_name_or_path:
             model = models.load(
