@@ -152,3 +152,8 @@ def test_old_checkpoints_causal_mask_buffers_are_skipped(tmp_path):
     params, missing, unexpected = checkpoint_io.read_params(tmp_path, model.params, "transformer", "gpt_neo")
     assert not missing and not unexpected
     assert family_checks.shape_tree(params) == family_checks.shape_tree(model.params)
+
+
+def test_sequence_classification_smoke(tmp_path):
+    """The GLUE script on a tokenizer without a padding token: it pads with the end token."""
+    family_checks.smoke_losses("sequence-classification", FIXTURE, tmp_path)

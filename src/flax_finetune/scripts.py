@@ -262,14 +262,20 @@ class Run:
         return config
 
     def tokenizer(self, model_args: Any, **kwargs: Any) -> Any:
+        """The tokenizer; one without a padding token (GPT-2's, GPT-Neo's, Llama's) pads with its end
+        token, as Transformers' examples do: padding is masked out of attention, loss and metrics."""
         from flax_finetune import models
 
-        return models.load_tokenizer(
+        tokenizer = models.load_tokenizer(
             model_args.tokenizer_name or model_args.model_name_or_path,
             use_fast=model_args.use_fast_tokenizer,
             hub=model_args.hub_options,
             **kwargs,
         )
+        if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+            logger.info("the tokenizer has no padding token: padding with its end token %s", tokenizer.eos_token)
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
 
     def tokenize(
         self,
