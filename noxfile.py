@@ -409,9 +409,14 @@ def make_bench_session(backend: str) -> None:
         # No runtime_env: a persistent compilation cache would hide compile times.
         session.run("python", "benchmarks/bench.py", "--backend", BACKENDS[backend].jax_platforms,
                     "--output", str(REPORTS / name), *session.posargs)
+        platform_only = {"JAX_PLATFORMS": BACKENDS[backend].jax_platforms}
+        session.run("python", "benchmarks/generation.py", "--output", str(REPORTS / name), env=platform_only)
+        if backend == "cpu":
+            session.run("python", "benchmarks/postprocessing.py")
 
     session.__doc__ = (f"Training-step benchmark on {backend} (matmul peak, throughput, MFU, compile time, memory; "
-                       f"{'float32 and bfloat16' if backend == 'cpu' else 'bfloat16'}) into reports/{name}.")
+                       f"{'float32 and bfloat16' if backend == 'cpu' else 'bfloat16'}), then generation against "
+                       f"Transformers' Flax generate, into reports/{name}.")
 
 
 for _backend in BACKENDS:
