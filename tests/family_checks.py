@@ -70,7 +70,9 @@ def needs_config(model_type: str):
     )
 
 
-def _torch():
+def needs_torch():
+    """torch; a skip where it is missing (an error under FLAX_FINETUNE_REQUIRE_TORCH). Call it before
+    building a config that only a Transformers version with torch (5.x) accepts."""
     if os.environ.get("FLAX_FINETUNE_REQUIRE_TORCH"):
         import torch
 
@@ -308,7 +310,7 @@ def check_pytorch_parity(model_type: str, task: str, config, torch_class_name: s
     The saved folder must load with no missing and no unexpected key; logits on real tokens
     within 1e-5 on every batch; with `train`, three AdamW steps give the same losses within 1e-5.
     Returns {"max_logit_error": float, "losses": [ours], "reference_losses": [theirs]}."""
-    torch = _torch()
+    torch = needs_torch()
     transformers = _transformers()
     module = _module(model_type, task, config)
     example = _jax_inputs(batches[-1])

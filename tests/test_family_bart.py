@@ -239,7 +239,7 @@ def test_no_repeat_ngram_size_leaves_no_repeat_in_beams():
 
 @pytest.mark.pytorch
 def test_no_repeat_ngram_size_matches_pytorch_greedy(tmp_path):
-    torch = family_checks._torch()
+    torch = family_checks.needs_torch()
     model_config, module, params, inputs = no_repeat_case("bart", seed=2)
     models.Model(module, params, model_config).save(params, str(tmp_path))
     reference = transformers.BartForConditionalGeneration.from_pretrained(tmp_path).eval()

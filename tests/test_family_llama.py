@@ -97,6 +97,7 @@ def test_flax_parity(case):
 @pytest.mark.pytorch
 @pytest.mark.parametrize("case", CASES)
 def test_pytorch_parity(case, tmp_path):
+    family_checks.needs_torch()
     family = family_of(case)
     settings = CASES[case]()
     figures = family_checks.check_pytorch_parity(family, "causal-lm", settings, f"{TORCH_PREFIX[family]}ForCausalLM",
@@ -115,6 +116,7 @@ def classification_case(family: str):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
 def test_sequence_classification_pytorch_parity(family, tmp_path):
     """The last real token's score (the rightmost id that is not the padding id), as PyTorch pools it."""
+    family_checks.needs_torch()
     settings = classification_case(family)
     figures = family_checks.check_pytorch_parity(family, "sequence-classification", settings,
                                                  f"{TORCH_PREFIX[family]}ForSequenceClassification",
@@ -152,7 +154,7 @@ def test_greedy_generation_matches_pytorch(case, tmp_path):
     on left-padded prompts."""
     from flax_finetune import models
 
-    torch = family_checks._torch()
+    torch = family_checks.needs_torch()
     family = family_of(case)
     model = models.from_config(CASES[case](), "causal-lm")
     model.params = family_checks.random_params(shapes_of(model.params), seed=5)

@@ -132,7 +132,7 @@ def test_matches_transformers_pytorch(model_type, overrides, tmp_path):
 @pytest.mark.pytorch
 @pytest.mark.usefixtures("parity_settings")
 def test_umt5_greedy_tokens_match_pytorch_generate(tmp_path):
-    torch = family_checks._torch()
+    torch = family_checks.needs_torch()
     config = tiny_config("umt5", eos_token_id=UMT5_GREEDY_EOS)
     module, params = random_model("umt5", config)
     models.Model(module, params, config).save(params, str(tmp_path))
