@@ -9,6 +9,8 @@ during a write leaves the previous checkpoint usable.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +28,19 @@ STEP_PREFIX = "checkpoint"
 def _orbax():
     import orbax.checkpoint as ocp
 
+    _write_each_shard_from_one_replica(ocp)
     return ocp
+
+
+@functools.lru_cache(maxsize=None)
+def _write_each_shard_from_one_replica(ocp) -> None:
+    """Turn off orbax's replica-parallel writing where it has the switch. It slices arrays that are
+    replicated over part of the mesh (--mesh data:2,fsdp:4) inside `jax.sharding.set_mesh`, which
+    jax 0.6 cannot enter (orbax 0.11.39: AttributeError __enter__); writing each shard from one of
+    its replicas stores the same bytes."""
+    handler = ocp.type_handlers.ArrayHandler
+    if "use_replica_parallel" in inspect.signature(handler.__init__).parameters:
+        ocp.type_handlers.register_type_handler(jax.Array, handler(use_replica_parallel=False), override=True)
 
 
 class Checkpoints:
