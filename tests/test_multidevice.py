@@ -85,7 +85,9 @@ def fsdp_clm_args(output_dir, mesh, *extra):
             "--train_file", str(DATA / "prose" / "train.txt"), "--block_size", "32", "--do_train",
             "--max_train_samples", "80", "--max_steps", "10", "--learning_rate", "1e-3", "--warmup_steps", "2",
             "--per_device_train_batch_size", "1", "--logging_steps", "1", "--save_steps", "5", "--seed", "0",
-            "--report_to", "jsonl", "--disable_tqdm", "--mesh", mesh, *extra]
+            "--report_to", "jsonl", "--disable_tqdm", "--mesh", mesh, *extra,
+            # jaxlib 0.4.26 can crash running a resumed step read back from the persistent cache
+            "--compilation_cache_dir", "none"]
 
 
 FSDP_PROGRAM = """
