@@ -285,9 +285,10 @@ def cast_params(params: Any, param_dtype: str) -> Any:
     """`params` with every floating-point leaf in `param_dtype` ("float32" or "bfloat16"); others unchanged."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
 
-    target = getattr(jnp, param_dtype)
-    return jax.tree_util.tree_map(
-        lambda leaf: leaf.astype(target) if jnp.issubdtype(np.asarray(leaf).dtype, jnp.floating) else leaf, params
-    )
+    target = jnp.dtype(param_dtype)
+
+    def cast(leaf):
+        return leaf.astype(target) if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != target else leaf
+
+    return jax.tree_util.tree_map(cast, params)
