@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -111,3 +114,53 @@ def test_trust_remote_code_reaches_the_dataset_loader_only_when_given(monkeypatc
         data.load_splits({}, extensions=(".csv",), dataset_name="someone/dataset", trust_remote_code=trusted)
     assert calls[0]["trust_remote_code"] is True and "trust_remote_code" not in calls[1]
     assert ModelArguments(model_name_or_path="m", trust_remote_code=True).hub_options["trust_remote_code"] is True
+
+
+def test_training_batches_are_made_ahead_in_order_and_errors_arrive_at_their_batch():
+    made = []
+
+    def items():
+        for number in range(5):
+            if number == 3:
+                raise InputError("row 3 is broken")
+            made.append(number)
+            yield number
+
+    batches = data.prefetched(items(), depth=2)
+    assert next(batches) == 0
+    deadline = time.monotonic() + 5
+    while len(made) < 3 and time.monotonic() < deadline:  # the thread runs ahead of the consumer
+        time.sleep(0.01)
+    assert made == [0, 1, 2]
+    assert [next(batches), next(batches)] == [1, 2]
+    with pytest.raises(InputError, match="row 3"):
+        next(batches)
+
+
+def test_leaving_a_prefetched_loop_early_stops_its_thread():
+    batches = data.prefetched(iter(range(1000)), depth=2)
+    assert next(batches) == 0
+    batches.close()
+    deadline = time.monotonic() + 5
+    while any(thread.name == "prefetch" for thread in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not any(thread.name == "prefetch" for thread in threading.enumerate())
+
+
+def test_computed_rows_compute_when_taken_and_keep_only_what_the_budget_holds():
+    calls = []
+
+    def features(row):
+        calls.append(row)
+        return np.full((2, 3), row, np.float32)  # 24 bytes
+
+    rows = data.ComputedRows({"labels": np.arange(10) * 10}, "features", features, workers=2, cache_bytes=3 * 24)
+    assert calls == []  # nothing is computed up front
+    batch = data.gather(rows, np.array([[4, 1, -1]]))
+    assert batch["features"].shape == (1, 3, 2, 3)
+    assert batch["features"][0, :, 0, 0].tolist() == [4, 1, 4] and batch["labels"].tolist() == [[40, 10, 40]]
+    assert sorted(calls) == [1, 4]  # the padding row repeats row 4 without computing it again
+    data.gather(rows, np.array([1, 4, 7, 8]))
+    assert sorted(calls) == [1, 4, 7, 8]  # 1 and 4 were kept; the budget then held one more row
+    data.gather(rows, np.array([7, 8]))
+    assert len(rows.cache) == 3 and len(calls) == 5  # one of 7 and 8 (whichever thread came second) again

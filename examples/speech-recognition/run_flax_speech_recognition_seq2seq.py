@@ -56,21 +56,6 @@ class SpeechDataArguments(DataArguments):
     task: str = arg("transcribe", "Whisper task when --language is given: transcribe or translate.")
 
 
-def stack_inputs(values: list, name: str) -> dict[str, np.ndarray]:
-    """Audio model inputs of one split as arrays: stacked when all of one shape (Whisper's
-    fixed-length log-mel features), else padded at the end with an attention mask."""
-    arrays = [np.asarray(value, np.float32) for value in values]
-    if len({array.shape for array in arrays}) == 1:
-        return {name: np.stack(arrays)}
-    longest = max(array.shape[-1] for array in arrays)
-    padded = np.zeros((len(arrays), *arrays[0].shape[:-1], longest), np.float32)
-    mask = np.zeros((len(arrays), longest), np.int32)
-    for index, array in enumerate(arrays):
-        padded[index, ..., : array.shape[-1]] = array
-        mask[index, : array.shape[-1]] = 1
-    return {name: padded, "attention_mask": mask}
-
-
 def main(argv=None):
     model_args, data_args, seq2seq_args, training_args = parse_args(
         (SpeechModelArguments, SpeechDataArguments, Seq2SeqArguments, TrainingArguments), argv, __doc__, __file__
@@ -100,35 +85,44 @@ def main(argv=None):
     folders = {split: Path(path).parent for split, (_, path) in data_args.files().items() if path}
 
     def prepare(split, dataset):
-        """Decode, resample, filter by duration, extract features and tokenize one split."""
+        """Filter one split by duration and tokenize its transcripts; features are extracted per batch.
+
+        Only the kept rows' numbers and labels are held: each clip is decoded, resampled and turned
+        into features when a batch takes it (on --preprocessing_num_workers threads), from the
+        file, or from the dataset's memory-mapped Arrow table for a hub dataset.
+        """
         if data_args.dataset_name is not None:
             import datasets
 
             dataset = dataset.cast_column(data_args.audio_column_name, datasets.Audio(decode=False))
-        inputs, labels, skipped = [], [], 0
-        for example in dataset:
-            samples, source_rate = audio.read(example[data_args.audio_column_name], folders.get(split))
-            samples = audio.resample(samples, source_rate, rate)
-            duration = len(samples) / rate
-            if not data_args.min_duration_in_seconds <= duration <= data_args.max_duration_in_seconds:
-                skipped += 1
-                continue
-            inputs.append(feature_extractor(samples, sampling_rate=rate)[input_name][0])
-            text = str(example[data_args.text_column_name])
-            labels.append(tokenizer(text.lower() if data_args.do_lower_case else text).input_ids[:max_label_length])
-        if skipped:
-            logging.getLogger("flax_finetune").warning("%s: skipped %d clips outside the duration limits", split, skipped)
-        if not inputs:
+        base = folders.get(split)
+        clips = dataset.select_columns([data_args.audio_column_name])
+        durations = np.array([audio.duration(clip, base) for clip in clips[data_args.audio_column_name]])
+        kept = np.flatnonzero((durations >= data_args.min_duration_in_seconds)
+                              & (durations <= data_args.max_duration_in_seconds))
+        if len(kept) < len(dataset):
+            logging.getLogger("flax_finetune").warning(
+                "%s: skipped %d clips outside the duration limits", split, len(dataset) - len(kept))
+        if not len(kept):
             raise InputError(f"the {split} split has no clip within the duration limits")
+        texts = [str(text) for text in dataset.select(kept)[data_args.text_column_name]]
+        labels = tokenizer([text.lower() for text in texts] if data_args.do_lower_case else texts).input_ids
+        labels = [label[:max_label_length] for label in labels]
         if all(label[0] == start_id for label in labels):  # the decoder start comes back through shift_right
             labels = [label[1:] for label in labels]
         width = -(-max(map(len, labels)) // 8) * 8
         label_array = np.full((len(labels), width), -100, np.int32)
         for index, label in enumerate(labels):
             label_array[index, : len(label)] = label
-        columns = stack_inputs(inputs, input_name)
-        columns.update(labels=label_array, decoder_input_ids=seq2seq.shift_right(label_array, start_id, tokenizer.pad_token_id))
-        return data.ArrayRows(columns)
+
+        def features(row: int) -> np.ndarray:
+            """Log-mel features of kept clip `row`: [mel bins, frames]."""
+            samples, source_rate = audio.read(clips[int(kept[row])][data_args.audio_column_name], base)
+            return feature_extractor(audio.resample(samples, source_rate, rate), sampling_rate=rate)[input_name][0]
+
+        columns = {"labels": label_array,
+                   "decoder_input_ids": seq2seq.shift_right(label_array, start_id, tokenizer.pad_token_id)}
+        return data.ComputedRows(columns, input_name, features, data_args.preprocessing_num_workers)
 
     rows = {split: prepare(split, dataset) for split, dataset in splits.items()}
 
@@ -140,12 +134,11 @@ def main(argv=None):
     generation = seq2seq.generation_options(model, max_label_length, seq2seq_args.num_beams)
     if data_args.language:
         generation.update(language=data_args.language, task=data_args.task)
-    audio_inputs = [input_name] + (["attention_mask"] if "attention_mask" in next(iter(rows.values())).columns else [])
 
     def target_losses(params, batch, weights, **kwargs):
         """Per-example label-smoothed loss sums and transcript token counts, both [batch]."""
         logits = model(
-            params, **{name: batch[name] for name in audio_inputs}, decoder_input_ids=batch["decoder_input_ids"],
+            params, **{input_name: batch[input_name]}, decoder_input_ids=batch["decoder_input_ids"],
             decoder_attention_mask=batch["labels"] >= 0, **kwargs,
         ).logits
         return losses.cross_entropy(
@@ -161,7 +154,7 @@ def main(argv=None):
         loss_sums, counts = target_losses(params, batch, jnp.ones_like(batch["example_mask"]), train=False)
         outputs = {"loss_sum": loss_sums, "count": counts, "labels": batch["labels"]}
         if seq2seq_args.predict_with_generate:
-            outputs["generated"] = model.generate(params, {name: batch[name] for name in audio_inputs}, **generation)
+            outputs["generated"] = model.generate(params, {input_name: batch[input_name]}, **generation)
         return outputs
 
     def compute_metrics(outputs, split):

@@ -231,7 +231,8 @@ class DataArguments:
     max_train_samples: Optional[int] = arg(None, "Use only the first N training examples.")
     max_eval_samples: Optional[int] = arg(None, "Use only the first N evaluation examples.")
     max_predict_samples: Optional[int] = arg(None, "Use only the first N prediction examples.")
-    preprocessing_num_workers: Optional[int] = arg(None, "Processes for tokenization.")
+    preprocessing_num_workers: Optional[int] = arg(
+        None, "Workers for preprocessing: processes for tokenization, threads for audio features.")
     overwrite_cache: bool = arg(False, "Recompute tokenization instead of using the datasets cache.")
 
     def __post_init__(self):
