@@ -118,7 +118,8 @@ CELLS = [
 # Not test cells: Transformers 5 with CPU torch (2.13.0, the build these machines have on disk, for
 # Python 3.11), where the `torch` session loads what the scripts write into the PyTorch classes; the
 # lowest declared version of every direct dependency; and the newest releases, unlocked.
-TORCH_CELL = Cell("cpu", "5", "3.11", ("transformers>=5,<6", "torch==2.13.0+cpu"), find_links=(TORCH_WHEELS,))
+TORCH_CELL = Cell("cpu", "5", "3.11", ("transformers>=5,<6", "torch==2.13.0+cpu", "peft==0.21.2"),
+                  find_links=(TORCH_WHEELS,))
 MINIMUMS_CELL = Cell("cpu", "minimums", "3.11", resolution="lowest-direct")
 NEWEST_CELL = Cell("cpu", "newest", "3.13", locked=False)
 LOCKED_CELLS = [*CELLS, TORCH_CELL, MINIMUMS_CELL]

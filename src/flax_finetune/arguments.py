@@ -326,6 +326,17 @@ class TrainingArguments:
         "", "Device mesh as axis:size pairs, e.g. data:2,fsdp:4: batches split over all devices, parameters and "
         "optimizer state sharded over fsdp (default: every device on data, plain data parallelism)."
     )
+    lora_rank: int = arg(
+        0, "LoRA rank r: train low-rank adapters on --lora_target_modules and freeze the base model, saved as a "
+        "PEFT adapter (0: train every parameter)."
+    )
+    lora_alpha: float = arg(16.0, "LoRA alpha: the adapters' output is scaled by alpha / rank.")
+    lora_dropout: float = arg(0.0, "Dropout on the LoRA adapters' inputs during training.")
+    lora_target_modules: Optional[str] = arg(
+        None, "Comma-separated names of the linear layers LoRA adapts, e.g. q_proj,v_proj, or all-linear (every "
+        "linear layer but the output head); default: PEFT's choice for the model type."
+    )
+    merge_lora: bool = arg(False, "With --lora_rank: also save the full model with the adapters merged in.")
     command: list[str] = dataclasses.field(default_factory=list, init=False)  # the command line, for the model card
 
     def __post_init__(self):
@@ -343,6 +354,20 @@ class TrainingArguments:
             raise InputError("--num_train_epochs must not be negative")
         if self.resume_from_checkpoint == LATEST_CHECKPOINT:
             self.resume_from_checkpoint = self.output_dir
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        """LoRA flags: a positive rank, alpha and a dropout rate in [0, 1); the others only with --lora_rank."""
+        if self.lora_rank < 0:
+            raise InputError("--lora_rank must not be negative (0: no LoRA)")
+        if self.lora_rank == 0:
+            given = [name for name in ("lora_target_modules", "merge_lora") if getattr(self, name)]
+            if given:
+                raise InputError(f"--{given[0]} needs --lora_rank (the rank of the LoRA adapters, e.g. 8)")
+        if self.lora_alpha <= 0:
+            raise InputError("--lora_alpha must be positive")
+        if not 0 <= self.lora_dropout < 1:
+            raise InputError("--lora_dropout must be in [0, 1)")
 
     @property
     def distributed(self) -> bool:

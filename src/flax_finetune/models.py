@@ -67,6 +67,8 @@ class Model:
     params: Any
     config: Any
     generation_config: Any = None
+    missing: tuple = ()
+    """Paths of the leaves newly initialised because the checkpoint lacked them (a new head)."""
 
     def __call__(self, params, *, dropout_rng=None, train: bool = False, **inputs):
         rngs = {"dropout": dropout_rng} if train and dropout_rng is not None else {}
@@ -213,7 +215,7 @@ def load(
     if missing:
         logger.info("%s: newly initialised (not in the checkpoint): %s", name_or_path, _summary(["/".join(p) for p in missing]))
         params = _fill_missing(params, initialiser.values(set(missing)), shapes)
-    return Model(module, params, config, _generation_config(folder, config))
+    return Model(module, params, config, _generation_config(folder, config), tuple(missing))
 
 
 def _summary(names: list[str], shown: int = 8) -> str:

@@ -172,6 +172,7 @@ class Run:
             self.hub.connect()
         self.task = ""
         self.data_sources: dict[str, tuple[str, int]] = {}
+        self.adaptation = None  # the `lora.Adaptation` of --lora_rank, made with the model
 
     def load_splits(
         self,
@@ -306,6 +307,12 @@ class Run:
         else:
             model = models.from_config(config, task, dtype=model_args.dtype, seed=self.args.seed)
         model.params = models.cast_params(model.params, model_args.param_dtype)
+        if self.args.lora_rank:
+            from flax_finetune import lora
+
+            if not model_args.model_name_or_path:
+                raise InputError("--lora_rank adapts a pretrained model: give --model_name_or_path")
+            self.adaptation = lora.Adaptation.create(model, task, lora.Settings.from_args(self.args))
         return model
 
     def trainer(self, loss_fn: Callable, predict_fn: Callable) -> Any:
@@ -313,7 +320,7 @@ class Run:
         from flax_finetune.trainer import Trainer
 
         self.output.create(keep_log=bool(self.args.resume_from_checkpoint))
-        return Trainer(self.args, self.output, loss_fn, predict_fn)
+        return Trainer(self.args, self.output, loss_fn, predict_fn, self.adaptation)
 
     def train_evaluate_predict(
         self,
@@ -346,12 +353,12 @@ class Run:
             if self.args.do_train:
                 if self.hub is not None and self.args.hub_strategy == "every_save":
                     def export_and_push(step: int, params: Any) -> None:
-                        self.save_model(model, params, *processors)
+                        self.save_model(model, params, *processors, trainable=trainer.trainable)
                         self.hub.push(f"Training in progress, step {step}")
 
                     trainer.on_save = export_and_push
                 params = trainer.train(params, rows["train"], rows.get("validation"), compute_metrics)
-                self.save_model(model, params, *processors)
+                self.save_model(model, params, *processors, trainable=trainer.trainable)
             final = [("validation", "eval", True)] if self.args.do_eval else []
             final += [("test", "test", test_has_labels)] if self.args.do_predict else []
             for split, prefix, scored in final:
@@ -382,11 +389,21 @@ class Run:
             command=self.args.command, results=shown,
         ))
 
-    def save_model(self, model: Any, params: Any, *processors: Any) -> None:
+    def save_model(self, model: Any, params: Any, *processors: Any, trainable: Any = None) -> None:
         """The trained model as a `save_pretrained` folder in --output_dir: config, weights,
-        and the tokenizer (and feature extractor) it needs."""
+        and the tokenizer (and feature extractor) it needs.
+
+        With --lora_rank the weights are the PEFT adapter (`trainable`: adapters and new heads), and
+        with --merge_lora also the full model with the adapters merged in (`params`)."""
         directory = str(self.output.path)
-        model.save(params, directory)
+        if self.adaptation is None or self.args.merge_lora:
+            model.save(params, directory)
+        else:
+            model.config.save_pretrained(directory)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(directory)
+        if self.adaptation is not None:
+            self.adaptation.save(directory, trainable, self.model_args.model_name_or_path)
         for processor in processors:
             processor.save_pretrained(directory)
         logger.info("model saved to %s", directory)

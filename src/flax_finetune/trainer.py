@@ -80,10 +80,16 @@ class DivergenceGuard:
 class Trainer:
     """Runs a task's jitted steps over fixed-shape batches; see the module docstring."""
 
-    def __init__(self, args, output: OutputDir, loss_fn: training.LossFn, predict_fn: training.PredictFn):
+    def __init__(
+        self, args, output: OutputDir, loss_fn: training.LossFn, predict_fn: training.PredictFn, adaptation: Any = None
+    ):
         self.args = args
         self.output = output
         self.loss_fn = loss_fn
+        # a `lora.Adaptation` (--lora_rank): train adapters on the frozen params instead of the params
+        self.adaptation = adaptation
+        # with LoRA, the trained tree (adapters and new heads) of the last checkpoint or the end of training
+        self.trainable: Any = None
         self.mesh = training.make_mesh(args.mesh)
         self.predict_step = training.make_predict_step(predict_fn, self.mesh)
         # on_save(step, params): called after each checkpoint (the script exports and pushes there)
@@ -129,13 +135,25 @@ class Trainer:
             raise InputError("no training steps: raise --num_train_epochs or --max_steps")
         schedule = training.linear_schedule(args.learning_rate, args.warmup_steps, total_steps)
         optimizer = training.make_optimizer(args, schedule)
+        loss_fn, frozen, frozen_layout = self.loss_fn, (), None  # frozen: LoRA's base, the step's 4th argument
+        if self.adaptation is not None:
+            base, params = self.adaptation.split(params, jax.random.PRNGKey(args.seed))
+            frozen = (training.shard_params(base, self.mesh),)
+            frozen_layout = jax.tree_util.tree_map(lambda leaf: leaf.sharding, frozen[0])
+            loss_fn, merge = self.adaptation.loss(self.loss_fn), self.adaptation.merge_step(self.mesh, base, params)
+
+        def full_params(state: training.TrainState) -> Any:
+            """The model's parameters at `state` (with LoRA: the base with the adapters merged in)."""
+            return merge(frozen[0], state.params) if frozen else state.params
+
         state = training.init_state(params, optimizer, self.mesh)
         train_step = training.make_train_step(
-            self.loss_fn, optimizer, schedule, self.mesh, args.gradient_accumulation_steps,
+            loss_fn, optimizer, schedule, self.mesh, args.gradient_accumulation_steps,
             jax.tree_util.tree_map(lambda leaf: leaf.sharding, state),
-            args.remat_policy if args.gradient_checkpointing else None,
+            args.remat_policy if args.gradient_checkpointing else None, frozen_layout,
         )
         state_bytes, state_bytes_per_device = training.bytes_per_device(state)
+        adapter_results = {} if self.adaptation is None else self._log_adaptation(state, frozen[0])
         dropout_rng = jax.random.PRNGKey(args.seed)
         position = {
             "seed": args.seed,
@@ -169,7 +187,7 @@ class Trainer:
                 batches_left = min(steps_per_epoch, offset + total_steps - step)
                 with progress_bar(batches_left, offset, f"epoch {epoch + 1}", not self.show_bars) as bar:
                     for local in data.iterate_batches(rows, plan, args.seed, epoch, offset):
-                        state, metrics = train_step(state, training.put_batch(local, self.mesh), dropout_rng)
+                        state, metrics = train_step(state, training.put_batch(local, self.mesh), dropout_rng, *frozen)
                         step += 1
                         if first_step_seconds is None:
                             jax.block_until_ready(metrics)
@@ -191,14 +209,15 @@ class Trainer:
                                 )
                             pending = []
                         if eval_rows is not None and args.eval_steps and step % args.eval_steps == 0 and step < total_steps:
-                            scores = self.evaluate(state.params, eval_rows, compute_metrics, split="eval", write=False)
+                            scores = self.evaluate(full_params(state), eval_rows, compute_metrics, split="eval", write=False)
                             self.output.log({"step": step, "epoch": step / steps_per_epoch, **scores})
                         if checkpoints is not None and step % args.save_steps == 0:
                             guard.check()  # a diverged state is never saved
                             checkpoints.save(step, state, {**position, "step": step, "epoch": epoch})
                             guard.last_checkpoint = checkpoints.path(step)
                             if self.on_save is not None and step < total_steps:  # the end of training follows
-                                self.on_save(step, training.fetch(state.params))
+                                self._keep_trainable(state)
+                                self.on_save(step, training.fetch(full_params(state)))
                         if step >= total_steps:
                             break
             guard.check()
@@ -219,10 +238,26 @@ class Trainer:
                 "first_step_seconds": first_step_seconds or 0.0,
                 "state_bytes": state_bytes,
                 "state_bytes_per_device": state_bytes_per_device,
+                **adapter_results,
             },
         )
         self.trained_steps = step
-        return training.fetch(state.params)
+        self._keep_trainable(state)
+        return training.fetch(full_params(state))
+
+    def _keep_trainable(self, state: training.TrainState) -> None:
+        """With LoRA: keep the trained tree (adapters, new heads) for saving the adapter."""
+        if self.adaptation is not None:
+            self.trainable = training.fetch(state.params)
+
+    def _log_adaptation(self, state: training.TrainState, frozen: Any) -> dict:
+        """Log LoRA's trainable parameters, their share of all, and the optimizer state's bytes; returns them."""
+        trainable, total = self.adaptation.counts(frozen, state.params)
+        optimizer_bytes = sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(state.opt_state))
+        logger.info("LoRA rank %d on %d layers: %d trainable parameters of %d (%.3f%%), optimizer state %.2f MB",
+                    self.adaptation.settings.rank, len(self.adaptation.targets), trainable, total,
+                    100 * trainable / total, optimizer_bytes / 1e6)
+        return {"trainable_parameters": trainable, "all_parameters": total, "optimizer_state_bytes": optimizer_bytes}
 
     def _log_training(self, step: int, epoch: float, pending: list, global_batch_size: int) -> dict:
         """Mean loss of the steps since the last log line, learning rate, and their throughput."""

@@ -241,12 +241,16 @@ def make_train_step(
     micro_batches: int,
     state_layout: Any = None,
     remat_policy: Optional[str] = None,
+    frozen_layout: Any = None,
 ) -> Callable:
     """Jitted `(state, stacked_batch, rng) -> (state, metrics)`.
 
     `state_layout`: the TrainState's shardings (default: replicated); the new state keeps them.
     `remat_policy`: rematerialise every model layer with this policy (`modeling.REMAT_POLICIES`):
     the backward pass recomputes the layers' activations instead of storing them.
+    `frozen_layout`: the shardings of parameters that are not trained (LoRA's base model): the step
+    then takes them as a fourth argument, `(state, stacked_batch, rng, frozen)`, and passes them to
+    `loss_fn(params, batch, rng, frozen)`; an argument, not a constant of the compiled program.
 
     `stacked_batch` leaves are [micro_batches, batch, ...]. Gradients of the
     loss sums are summed over the micro batches and divided by the total
@@ -255,15 +259,15 @@ def make_train_step(
     """
     grad_fn = jax.value_and_grad(rematerialised(loss_fn, remat_policy), has_aux=True)
 
-    def step(state: TrainState, batch: Batch, rng: jax.Array):
+    def step(state: TrainState, batch: Batch, rng: jax.Array, *frozen):
         step_rng = jax.random.fold_in(rng, state.step)
         if micro_batches == 1:
-            (loss_sum, count), grads = grad_fn(state.params, {k: v[0] for k, v in batch.items()}, step_rng)
+            (loss_sum, count), grads = grad_fn(state.params, {k: v[0] for k, v in batch.items()}, step_rng, *frozen)
         else:
             def accumulate(carry, indexed):
                 index, micro_batch = indexed
                 (micro_loss, micro_count), micro_grads = grad_fn(
-                    state.params, micro_batch, jax.random.fold_in(step_rng, index)
+                    state.params, micro_batch, jax.random.fold_in(step_rng, index), *frozen
                 )
                 grads, loss_sum, count = carry
                 return (jax.tree_util.tree_map(jnp.add, grads, micro_grads), loss_sum + micro_loss, count + micro_count), None
@@ -279,9 +283,10 @@ def make_train_step(
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     layout = replicated(mesh) if state_layout is None else state_layout
+    frozen_shardings = () if frozen_layout is None else (frozen_layout,)
     return jax.jit(
         step,
-        in_shardings=(layout, stacked_batch_sharding(mesh), replicated(mesh)),
+        in_shardings=(layout, stacked_batch_sharding(mesh), replicated(mesh), *frozen_shardings),
         out_shardings=(layout, replicated(mesh)),
         donate_argnums=0,
     )
@@ -294,9 +299,9 @@ def rematerialised(loss_fn: LossFn, policy: Optional[str]) -> LossFn:
         return loss_fn
     from flax_finetune import modeling
 
-    def loss(params, batch, rng):
+    def loss(params, batch, rng, *frozen):
         with modeling.rematerialised(policy) as layers:
-            result = loss_fn(params, batch, rng)
+            result = loss_fn(params, batch, rng, *frozen)
         if not layers:
             raise InputError("--gradient_checkpointing: this model has no layers to rematerialise")
         return result
