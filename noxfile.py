@@ -565,6 +565,7 @@ def fixtures(session: nox.Session) -> None:
     """Rebuild the fixture data and tiny models (deterministic: no diff when nothing changed)."""
     install_cell(session, DEMO_CELL)
     session.run("python", "fixtures/make_data.py")
+    session.run("python", "fixtures/make_instructions.py")
     session.run("python", "fixtures/build_models.py", env={"PYTHONDONTWRITEBYTECODE": ""})
 
 

@@ -13,6 +13,18 @@ eval_perplexity (and test_results.json with --do_predict).
         --do_train --do_eval --block_size 128
 
 Train from scratch with --model_type gpt2 (or --config_name) and --tokenizer_name.
+
+Instruction data: JSON Lines (or CSV) with `prompt` and `completion` columns, or
+JSON Lines with a `messages` column (chat turns, rendered with the tokenizer's chat
+template). The loss, eval_loss and eval_perplexity count only the completion (or
+assistant) tokens (--completion_only_loss); examples are packed into --block_size
+blocks without attention across examples (--packing; see flax_finetune.instructions):
+
+    python examples/language-modeling/run_clm_flax.py \\
+        --model_name_or_path fixtures/models/tiny-gpt2 --output_dir out \\
+        --train_file fixtures/data/instructions/train.jsonl \\
+        --validation_file fixtures/data/instructions/validation.jsonl \\
+        --do_train --do_eval --block_size 64 --learning_rate 5e-3 --num_train_epochs 4
 """
 
 from __future__ import annotations
@@ -22,7 +34,7 @@ from typing import Optional
 
 import numpy as np
 
-from flax_finetune import metrics, scripts
+from flax_finetune import instructions, metrics, scripts
 from flax_finetune.arguments import ModelArguments, TextDataArguments, TrainingArguments, arg, parse_args
 from flax_finetune.errors import run_cli
 
@@ -32,6 +44,13 @@ class LanguageModelingDataArguments(TextDataArguments):
     """Data: text files (or a hub dataset) and the block length."""
 
     block_size: Optional[int] = arg(None, "Tokens per training block (default: the model's maximum, at most 1024).")
+    completion_only_loss: bool = arg(
+        True, "Instruction data: loss on the completion (or assistant turn) tokens only; False: on every token."
+    )
+    packing: bool = arg(
+        True, "Instruction data: pack several examples into each block (each attends only to itself); False: "
+        "one example per block."
+    )
 
 
 def concatenate_into_blocks(token_lists: list[list[int]], block_size: int, pad_id: int) -> dict[str, np.ndarray]:
@@ -64,8 +83,12 @@ def main(argv=None):
     if data_args.block_size is None:
         block_size = min(block_size, 1024)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    row_format = instructions.splits_format(splits)
 
     def to_blocks(dataset):
+        if row_format is not None:
+            examples = instructions.examples(dataset, row_format, tokenizer, data_args.completion_only_loss)
+            return data.ArrayRows(instructions.pack(examples, block_size, pad_id, data_args.packing))
         tokens = scripts.token_lists(dataset, tokenizer, data_args, add_special_tokens=True)
         return data.ArrayRows(concatenate_into_blocks(tokens, block_size, pad_id))
 
@@ -74,11 +97,14 @@ def main(argv=None):
     from flax_finetune import losses
 
     model = run.model(model_args, "causal-lm", config)
+    # instruction blocks also carry segment_ids, position_ids and loss_mask (the targets)
+    model_inputs = ("input_ids", "attention_mask") + (() if row_format is None else ("segment_ids", "position_ids"))
+    targets = "attention_mask" if row_format is None else "loss_mask"
 
     def token_losses(params, batch, **kwargs):
         """Next-token loss sum and count per block: ([batch], [batch])."""
-        logits = model(params, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
-        weights = losses.token_weights(batch["example_mask"], batch["attention_mask"][:, 1:])
+        logits = model(params, **{name: batch[name] for name in model_inputs}, **kwargs).logits
+        weights = losses.token_weights(batch["example_mask"], batch[targets][:, 1:])
         return losses.cross_entropy(logits[:, :-1], batch["input_ids"][:, 1:], weights, per_example=True)
 
     def loss_fn(params, batch, dropout_rng):

@@ -130,22 +130,37 @@ class GPT2BlockStack(nn.Module):
         return hidden, (None if caches is None else new_caches)
 
 
-def causal_mask(length: int, attention_mask: Optional[Array]) -> Array:
-    """Boolean [B or 1, 1, L, L]: query i may attend key j when j <= i and key j is not padding."""
+def same_segment(segment_ids: Array) -> Array:
+    """Boolean [B, 1, L, L]: query i may attend key j when both lie in the same packed example.
+
+    segment_ids [B, L]: 1, 2, ... numbers the examples packed into a row, 0 marks padding (which
+    attends to nothing). Shared by every causal-LM family: with it, each example of a packed row
+    gets the logits it would get alone (given position ids that restart per example)."""
+    segment_ids = jnp.asarray(segment_ids)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (same & (segment_ids > 0)[:, None, :])[:, None]
+
+
+def causal_mask(length: int, attention_mask: Optional[Array], segment_ids: Optional[Array] = None) -> Array:
+    """Boolean [B or 1, 1, L, L]: query i may attend key j when j <= i, key j is not padding and,
+    with `segment_ids` [B, L], both lie in the same example (`same_segment`)."""
     mask = jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
     if attention_mask is not None:
         mask = mask & (attention_mask > 0)[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & same_segment(segment_ids)
     return mask
 
 
-def decoder_inputs(length: int, attention_mask: Optional[Array], position_ids: Array, state: Optional[dict]):
+def decoder_inputs(length: int, attention_mask: Optional[Array], position_ids: Array, state: Optional[dict],
+                   segment_ids: Optional[Array] = None):
     """Position ids [B, L] and attention mask (boolean [B or 1, 1, L, K]) of a decoder's L tokens.
 
     Without a decoding `state`: the given position ids and the causal mask over the L tokens
-    (K = L). With one (generation.py's): positions and mask over the whole cache (K = max_length)
-    from `generation.cache_inputs`."""
+    (K = L), within each example where `segment_ids` [B, L] are given. With one (generation.py's):
+    positions and mask over the whole cache (K = max_length) from `generation.cache_inputs`."""
     if state is None:
-        return position_ids, causal_mask(length, attention_mask)
+        return position_ids, causal_mask(length, attention_mask, segment_ids)
     return generation.cache_inputs(state, length)
 
 
@@ -153,7 +168,8 @@ class GPT2Model(nn.Module):
     """The decoder: ids [B, L] -> (final-LayerNorm hidden states [B, L, H], decoding state or None).
 
     With a decoding `state` (generation.py's), position ids and the mask come from it, the
-    tokens are written to its cache, and the advanced state is returned.
+    tokens are written to its cache, and the advanced state is returned. `segment_ids` [B, L]
+    keep packed examples from attending to each other (see `same_segment`).
     """
 
     config: Any
@@ -167,13 +183,14 @@ class GPT2Model(nn.Module):
         position_ids: Optional[Array] = None,
         deterministic: bool = True,
         state: Optional[dict] = None,
+        segment_ids: Optional[Array] = None,
     ):
         config = self.config
         input_ids = jnp.asarray(input_ids, jnp.int32)
         length = input_ids.shape[-1]
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
-        position_ids, mask = decoder_inputs(length, attention_mask, position_ids, state)
+        position_ids, mask = decoder_inputs(length, attention_mask, position_ids, state, segment_ids)
         init = nn.initializers.normal(config.initializer_range)
         hidden = nn.Embed(config.vocab_size, config.hidden_size, embedding_init=init, dtype=self.dtype, name="wte")(
             input_ids
@@ -198,8 +215,10 @@ register_family("gpt2", Family(base_prefix="transformer"))
 class DecoderForCausalLM(nn.Module):
     """A decoder (`base_class`, named `base_name`) with a language-modelling head: `Module(config=..., dtype=...)`.
 
-    Inputs: input_ids [B, L]; optional attention_mask [B, L] (1 = token, 0 = padding) and
-    position_ids [B, L]. Logits [B, L, V] (float32); position t scores the token at t + 1. With
+    Inputs: input_ids [B, L]; optional attention_mask [B, L] (1 = token, 0 = padding),
+    position_ids [B, L] and segment_ids [B, L] (packed examples, see `same_segment`; give
+    position_ids restarting at 0 per example with them). Logits [B, L, V] (float32); position t
+    scores the token at t + 1. With
     `config.tie_word_embeddings` the projection is the base's token embedding table (its
     `token_embedding()`), else an `lm_head` Dense without bias. `prefill` and `decode_step`
     serve `generation.generate`; the base takes GPT2Model's arguments (a decoding `state`
@@ -219,8 +238,10 @@ class DecoderForCausalLM(nn.Module):
             init = nn.initializers.normal(getattr(config, self.init_std_name))
             self.lm_head = nn.Dense(config.vocab_size, use_bias=False, dtype=self.dtype, kernel_init=init)
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True) -> Output:
-        hidden, _ = getattr(self, self.base_name)(input_ids, attention_mask, position_ids, deterministic)
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True,
+                 segment_ids=None) -> Output:
+        hidden, _ = getattr(self, self.base_name)(input_ids, attention_mask, position_ids, deterministic,
+                                                   segment_ids=segment_ids)
         return Output(logits=self._logits(hidden))
 
     def prefill(self, input_ids, attention_mask, *, max_length: int):

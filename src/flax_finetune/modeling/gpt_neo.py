@@ -175,7 +175,8 @@ class GPTNeoModel(nn.Module):
     """The decoder: ids [B, L] -> (final-LayerNorm hidden states [B, L, H], decoding state or None).
 
     With a decoding `state` (generation.py's), position ids and masks come from it, the keys and
-    values go to its cache, and the advanced state is returned.
+    values go to its cache, and the advanced state is returned. `segment_ids` [B, L] keep packed
+    examples apart (gpt2.same_segment).
     """
 
     config: Any
@@ -189,13 +190,14 @@ class GPTNeoModel(nn.Module):
         position_ids: Optional[Array] = None,
         deterministic: bool = True,
         state: Optional[dict] = None,
+        segment_ids: Optional[Array] = None,
     ):
         config = self.config
         input_ids = jnp.asarray(input_ids, jnp.int32)
         length = input_ids.shape[-1]
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length), input_ids.shape)
-        position_ids, mask = decoder_inputs(length, attention_mask, position_ids, state)
+        position_ids, mask = decoder_inputs(length, attention_mask, position_ids, state, segment_ids)
         embed = partial(nn.Embed, features=config.hidden_size, dtype=self.dtype,
                         embedding_init=nn.initializers.normal(config.initializer_range))
         hidden = embed(config.vocab_size, name="wte")(input_ids) + embed(config.max_position_embeddings, name="wpe")(

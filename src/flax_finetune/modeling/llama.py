@@ -54,6 +54,7 @@ import numpy as np
 
 from flax_finetune.modeling import Family, Output, generation, layer, register, register_family
 from flax_finetune.modeling.bert import activation
+from flax_finetune.modeling.gpt2 import same_segment
 
 Array = Any
 
@@ -342,16 +343,17 @@ class DecoderModel(nn.Module):
     """The decoder: ids [B, L] -> (final-norm hidden states [B, L, H], decoding state or None).
 
     Without a decoding `state`, token l is slot l and attention_mask [B, L] marks the real
-    tokens (position ids 0..L-1 in every row where not given, as Transformers, padding or not).
-    With generation.py's `state`, the tokens are written to its cache at slots state["index"]..,
-    their position ids come from it, and the advanced state is returned."""
+    tokens (position ids 0..L-1 in every row where not given, as Transformers, padding or not);
+    segment_ids [B, L] keep packed examples apart (gpt2.same_segment). With generation.py's
+    `state`, the tokens are written to its cache at slots state["index"].., their position ids
+    come from it, and the advanced state is returned."""
 
     config: Any
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True,
-                 state: Optional[dict] = None):
+                 state: Optional[dict] = None, segment_ids=None):
         config = self.config
         length = input_ids.shape[-1]
         if state is None:
@@ -370,6 +372,8 @@ class DecoderModel(nn.Module):
             hidden = hidden * jnp.asarray(config.hidden_size**0.5, self.dtype)
         window = getattr(config, "sliding_window", None)
         masks = {FULL: attention_mask_over(slots, key_valid, None), SLIDING: attention_mask_over(slots, key_valid, window)}
+        if segment_ids is not None:
+            masks = {kind: mask & same_segment(segment_ids) for kind, mask in masks.items()}
         hidden, caches = DecoderLayers(config, self.dtype, name="layers")(
             hidden, rotary_tables(config, position_ids), masks, deterministic, caches, write_index)
         if state is not None:
@@ -384,8 +388,10 @@ class DecoderModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Language model of every model type in `VARIANTS`: `Module(config=..., dtype=...)`.
 
-    Inputs: input_ids [B, L]; optional attention_mask [B, L] (1 = token, 0 = padding) and
-    position_ids [B, L]. Logits [B, L, V] float32 (Gemma 2: soft-capped); position t scores the
+    Inputs: input_ids [B, L]; optional attention_mask [B, L] (1 = token, 0 = padding),
+    position_ids [B, L] and segment_ids [B, L] (packed examples, see gpt2.same_segment; give
+    position_ids restarting at 0 per example with them). Logits [B, L, V] float32 (Gemma 2:
+    soft-capped); position t scores the
     token at t + 1. The output projection is the token embedding with `tie_word_embeddings`.
     `prefill` and `decode_step` serve generation.py (decoder-only contract).
     """
@@ -398,8 +404,9 @@ class LlamaForCausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             self.lm_head = _dense(self.config, self.config.vocab_size, False, self.dtype, "lm_head")
 
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True) -> Output:
-        hidden, _ = self.model(input_ids, attention_mask, position_ids, deterministic)
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True,
+                 segment_ids=None) -> Output:
+        hidden, _ = self.model(input_ids, attention_mask, position_ids, deterministic, segment_ids=segment_ids)
         return Output(logits=self._logits(hidden))
 
     def prefill(self, input_ids, attention_mask, *, max_length: int):

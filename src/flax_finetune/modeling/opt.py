@@ -82,7 +82,8 @@ class OPTDecoder(nn.Module):
     """The decoder: ids [B, L] -> (hidden states [B, L, P], decoding state or None).
 
     With a decoding `state` (generation.py's), position ids and the mask come from it, the keys
-    and values go to its cache, and the advanced state is returned.
+    and values go to its cache, and the advanced state is returned. `segment_ids` [B, L] keep
+    packed examples apart (gpt2.same_segment); give position_ids restarting per example with them.
     """
 
     config: Any
@@ -96,6 +97,7 @@ class OPTDecoder(nn.Module):
         position_ids: Optional[Array] = None,
         deterministic: bool = True,
         state: Optional[dict] = None,
+        segment_ids: Optional[Array] = None,
     ):
         config = self.config
         input_ids = jnp.asarray(input_ids, jnp.int32)
@@ -103,7 +105,7 @@ class OPTDecoder(nn.Module):
         if position_ids is None:
             real = jnp.ones(input_ids.shape, jnp.int32) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
             position_ids = jnp.cumsum(real, axis=-1) * real - 1
-        position_ids, mask = decoder_inputs(length, attention_mask, position_ids, state)
+        position_ids, mask = decoder_inputs(length, attention_mask, position_ids, state, segment_ids)
         init = nn.initializers.normal(config.init_std)
         projected = config.word_embed_proj_dim != config.hidden_size
         project = partial(nn.Dense, use_bias=False, dtype=self.dtype)
@@ -135,9 +137,10 @@ class OPTModel(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, state=None):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, deterministic: bool = True, state=None,
+                 segment_ids=None):
         return OPTDecoder(self.config, self.dtype, name="decoder")(
-            input_ids, attention_mask, position_ids, deterministic, state
+            input_ids, attention_mask, position_ids, deterministic, state, segment_ids
         )
 
     def token_embedding(self) -> Array:
