@@ -32,8 +32,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-import numpy as np
-
 from flax_finetune import instructions, metrics, scripts
 from flax_finetune.arguments import ModelArguments, TextDataArguments, TrainingArguments, arg, parse_args
 from flax_finetune.errors import run_cli
@@ -51,21 +49,6 @@ class LanguageModelingDataArguments(TextDataArguments):
         True, "Instruction data: pack several examples into each block (each attends only to itself); False: "
         "one example per block."
     )
-
-
-def concatenate_into_blocks(token_lists: list[list[int]], block_size: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Concatenate tokenized texts and cut them into blocks.
-
-    Returns input_ids and attention_mask, both [num_blocks, block_size]; the
-    last block is padded (mask 0) instead of dropped.
-    """
-    tokens = np.fromiter((token for tokens in token_lists for token in tokens), dtype=np.int32)
-    num_blocks = max(1, -(-len(tokens) // block_size))
-    input_ids = np.full(num_blocks * block_size, pad_id, dtype=np.int32)
-    input_ids[: len(tokens)] = tokens
-    attention_mask = np.zeros(num_blocks * block_size, dtype=np.int32)
-    attention_mask[: len(tokens)] = 1
-    return {"input_ids": input_ids.reshape(num_blocks, block_size), "attention_mask": attention_mask.reshape(num_blocks, block_size)}
 
 
 def main(argv=None):
@@ -89,8 +72,7 @@ def main(argv=None):
         if row_format is not None:
             examples = instructions.examples(dataset, row_format, tokenizer, data_args.completion_only_loss)
             return data.ArrayRows(instructions.pack(examples, block_size, pad_id, data_args.packing))
-        tokens = scripts.token_lists(dataset, tokenizer, data_args, add_special_tokens=True)
-        return data.ArrayRows(concatenate_into_blocks(tokens, block_size, pad_id))
+        return data.TokenBlocks(scripts.token_stream(dataset, tokenizer, data_args, True), block_size, pad_id)
 
     rows = {split: to_blocks(dataset) for split, dataset in splits.items()}
 

@@ -77,27 +77,6 @@ def special_token_frame(tokenizer) -> tuple[list[int], list[int]]:
     return framed[:start], framed[start + len(plain) :]
 
 
-def blocks_with_special_tokens(token_lists, tokenizer, max_length: int) -> dict[str, np.ndarray]:
-    """Concatenate texts (without special tokens) and cut them into blocks that each get them.
-
-    Returns input_ids, attention_mask, special_tokens_mask, all [num_blocks, max_length];
-    the last block is padded (attention 0) instead of dropped.
-    """
-    prefix, suffix = special_token_frame(tokenizer)
-    content = max_length - len(prefix) - len(suffix)
-    tokens = [token for tokens in token_lists for token in tokens]
-    chunks = [tokens[start : start + content] for start in range(0, max(len(tokens), 1), content)]
-    columns = {name: np.zeros((len(chunks), max_length), np.int32) for name in ("input_ids", "attention_mask")}
-    columns["input_ids"][:] = tokenizer.pad_token_id
-    columns["special_tokens_mask"] = np.ones((len(chunks), max_length), np.int32)
-    for row, chunk in enumerate(chunks):
-        ids = prefix + chunk + suffix
-        columns["input_ids"][row, : len(ids)] = ids
-        columns["attention_mask"][row, : len(ids)] = 1
-        columns["special_tokens_mask"][row, len(prefix) : len(prefix) + len(chunk)] = 0
-    return columns
-
-
 def main(argv=None):
     model_args, data_args, training_args = parse_args(
         (ModelArguments, MaskedLanguageModelingDataArguments, TrainingArguments), argv, __doc__, __file__
@@ -125,12 +104,13 @@ def main(argv=None):
             )
             pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "special_tokens_mask": 1}
             length = max_length if data_args.pad_to_max_length else None
-            rows = run.tokenize(dataset, tokenize, pad_values, length, data_args).columns
+            rows = run.tokenize(dataset, tokenize, pad_values, length, data_args)
         else:
-            tokens = scripts.token_lists(dataset, tokenizer, data_args, add_special_tokens=False)
-            rows = blocks_with_special_tokens(tokens, tokenizer, max_length)
-        rows["row_index"] = np.arange(len(rows["input_ids"]), dtype=np.int32)
-        return data.ArrayRows(rows)
+            prefix, suffix = special_token_frame(tokenizer)
+            stream = scripts.token_stream(dataset, tokenizer, data_args, add_special_tokens=False)
+            rows = data.TokenBlocks(stream, max_length, tokenizer.pad_token_id, prefix, suffix,
+                                    special_tokens_mask=True)
+        return data.MappedRows(rows, lambda columns, indices, epoch: {**columns, "row_index": indices.astype(np.int32)})
 
     rows = {split: to_rows(dataset) for split, dataset in splits.items()}
 

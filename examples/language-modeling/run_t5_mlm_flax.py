@@ -140,16 +140,14 @@ def main(argv=None):
     sentinels = sentinel_ids(tokenizer, spans)
 
     def to_chunks(dataset):
-        token_lists = scripts.token_lists(dataset, tokenizer, data_args, add_special_tokens=False)
-        tokens = np.fromiter((token for tokens in token_lists for token in tokens), dtype=np.int32)
-        if len(tokens) < raw_length:
-            raise InputError(f"the text has {len(tokens)} tokens, fewer than one chunk of {raw_length}")
-        usable = len(tokens) // raw_length * raw_length  # the last partial chunk is dropped
-        return data.ArrayRows({"tokens": tokens[:usable].reshape(-1, raw_length)})
+        stream = scripts.token_stream(dataset, tokenizer, data_args, add_special_tokens=False)
+        if len(stream) < raw_length:
+            raise InputError(f"the text has {len(stream)} tokens, fewer than one chunk of {raw_length}")
+        return data.TokenBlocks(stream, raw_length, pad_id=0, drop_last=True)  # the last partial chunk dropped: no padding
 
     def corrupt_rows(columns, indices, epoch):
         inputs, labels = [], []
-        for tokens, index in zip(columns["tokens"], indices):
+        for tokens, index in zip(columns["input_ids"], indices):
             rng = np.random.default_rng([training_args.seed, epoch, int(index)])
             mask = noise_mask(rng, raw_length, data_args.mlm_probability, data_args.mean_noise_span_length)
             corrupted, target = corrupt(tokens, mask, sentinels, tokenizer.eos_token_id)

@@ -223,6 +223,76 @@ class ComputedRows:
         return {self.name: np.stack(computed)[where.reshape(-1)], **columns}
 
 
+class TokenStream:
+    """The token ids of every text of a tokenized split, concatenated, read where they lie.
+
+    The ids stay in the dataset's Arrow table (a memory-mapped cache file when `datasets.map`
+    wrote one): `read` copies out only the span asked for, so a corpus costs no memory of its
+    own however large it is. `dataset` has a list-of-integers column `column`.
+    """
+
+    def __init__(self, dataset, column: str = "input_ids"):
+        if getattr(dataset, "_indices", None) is not None:  # a selection of rows: write it out first
+            dataset = dataset.flatten_indices()
+        self.pieces = [chunk.flatten().to_numpy(zero_copy_only=False)
+                       for chunk in dataset.data.table.column(column).chunks]
+        self.starts = np.cumsum([0] + [len(piece) for piece in self.pieces])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Token ids [start, stop) of the stream (fewer at its end), int32."""
+        stop = min(stop, len(self))
+        parts, piece = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < stop:
+            offset = start - self.starts[piece]
+            taken = self.pieces[piece][offset : offset + stop - start]
+            parts.append(taken)
+            start += len(taken)
+            piece += 1
+        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32)
+
+
+class TokenBlocks:
+    """Rows cut from a `TokenStream`: block i holds tokens [i * content, (i + 1) * content),
+    framed by `prefix` and `suffix` (a tokenizer's special tokens), in rows of `width`.
+
+    Columns: input_ids and attention_mask [n, width], and with `special_tokens_mask` also
+    special_tokens_mask (1 on the frame and padding). The last, shorter block is padded with
+    `pad_id` (attention 0), or dropped with `drop_last` (every row then full). Rows are made when
+    a batch takes them, so only the stream's token ids ever hold the split.
+    """
+
+    def __init__(self, stream: TokenStream, width: int, pad_id: int, prefix: Sequence[int] = (),
+                 suffix: Sequence[int] = (), drop_last: bool = False, special_tokens_mask: bool = False):
+        self.stream, self.width, self.pad_id = stream, width, pad_id
+        self.prefix, self.suffix = np.asarray(prefix, np.int32), np.asarray(suffix, np.int32)
+        self.content = width - len(self.prefix) - len(self.suffix)
+        if self.content < 1:
+            raise InputError(f"a block of {width} tokens has no room left beside its special tokens")
+        self.special_tokens_mask = special_tokens_mask
+        self.length = len(stream) // self.content if drop_last else max(1, -(-len(stream) // self.content))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def take(self, indices: np.ndarray, epoch: int = 0) -> dict[str, np.ndarray]:
+        input_ids = np.full((len(indices), self.width), self.pad_id, np.int32)
+        attention_mask = np.zeros((len(indices), self.width), np.int32)
+        special = np.ones((len(indices), self.width), np.int32)
+        for row, index in enumerate(indices):
+            chunk = self.stream.read(int(index) * self.content, (int(index) + 1) * self.content)
+            ids = np.concatenate([self.prefix, chunk, self.suffix])
+            input_ids[row, : len(ids)] = ids
+            attention_mask[row, : len(ids)] = 1
+            special[row, len(self.prefix) : len(self.prefix) + len(chunk)] = 0
+        columns = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.special_tokens_mask:
+            columns["special_tokens_mask"] = special
+        return columns
+
+
 def as_rows(dataset, columns: Sequence[str]) -> ArrayRows:
     """Tokenized `datasets.Dataset` columns (fixed length per row) as numpy rows."""
     table = dataset.with_format("numpy", columns=list(columns))[:]

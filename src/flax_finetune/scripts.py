@@ -53,16 +53,29 @@ def setup_logging() -> None:
         logging.getLogger(f"datasets.packaged_modules.{reader}.{reader}").setLevel(logging.CRITICAL)
 
 
-def token_lists(dataset: Any, tokenizer: Any, data_args: Any, add_special_tokens: bool) -> list[list[int]]:
-    """The token ids of every text of a split (see `text_column`), for scripts that concatenate them."""
+def token_stream(dataset: Any, tokenizer: Any, data_args: Any, add_special_tokens: bool) -> data.TokenStream:
+    """The token ids of every text of a split (see `text_column`), concatenated, for scripts that cut
+    them into blocks.
+
+    `datasets.map` tokenizes into the dataset's Arrow cache, on --preprocessing_num_workers
+    processes with a progress bar; a rerun with the same texts, tokenizer and settings reads the
+    cache (--overwrite_cache: tokenize again), and any change to them makes a new cache entry.
+    Blocks are then read from the cache, batch by batch (`data.TokenBlocks`).
+    """
+    import datasets
+
     column = text_column(dataset)
     tokenized = dataset.map(
         lambda batch: {"input_ids": tokenizer(
             [str(text) for text in batch[column]], add_special_tokens=add_special_tokens, return_attention_mask=False
         )["input_ids"]},
-        batched=True, remove_columns=dataset.column_names, **data_args.map_options,
+        batched=True, remove_columns=dataset.column_names, desc="tokenizing",
+        features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
+        **data_args.map_options,
     )
-    return tokenized["input_ids"]
+    stream = data.TokenStream(tokenized)
+    logger.info("%d texts, %d tokens", len(dataset), len(stream))
+    return stream
 
 
 def max_sequence_length(requested: Optional[int], tokenizer: Any, config: Any) -> int:
