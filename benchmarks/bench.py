@@ -1,7 +1,7 @@
 """Training-step benchmark: how fast the example scripts' training step runs on this machine.
 
     python benchmarks/bench.py [--quick] [--output DIR] [--dtype float32 bfloat16]
-                               [--reference-dtype float32] [--only bert,gpt2,t5] [--backend cpu|cuda|tpu]
+                               [--reference-dtype float32] [--only bert,gpt2,t5,llama] [--backend cpu|cuda|tpu]
 
 Every measurement runs in a process of its own, so each has its own start-up
 cost and its own peak memory, and no process holds the accelerator while
@@ -37,6 +37,16 @@ is bfloat16, and the reference runs in it too.
 
 Written to --output: bench.json (every figure, per-step times included) and
 bench.md (the tables, also printed).
+
+The scale case (`SCALE_CASES`: a Llama-shaped model of about 100M parameters)
+runs in processes of their own over `SCALE_DEVICES` devices (on CPU, emulated
+with XLA_FLAGS=--xla_force_host_platform_device_count, sharing the real cores),
+once per `LAYOUTS` entry: data parallel, FSDP, FSDP with rematerialised layers.
+Besides speed it reports the parameter and optimizer bytes each device holds
+(`training.bytes_per_device`) and XLA's memory analysis of the compiled step
+per device. The step is compiled for the state's shapes and shardings before
+the state exists: on CPU, a layout whose arrays would not fit in the host's
+available memory is reported from its memory analysis and not run.
 """
 
 from __future__ import annotations
@@ -44,6 +54,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -77,6 +88,13 @@ VERSIONED_PACKAGES = ("jax", "jaxlib", "flax", "optax", "transformers", "numpy")
 # --backend (a JAX_PLATFORMS value) -> what jax.default_backend() says there
 BACKENDS = {"cpu": "cpu", "cuda": "gpu", "tpu": "tpu"}
 ACCELERATOR_DTYPE = "bfloat16"  # what the matrix units of GPUs and TPUs are built for
+SCALE_DEVICES = 8  # devices of the scale case (emulated on CPU)
+# scale-case layout -> (--mesh, --remat_policy or None); "data:1" puts every device on the fsdp axis
+LAYOUTS = {"data": ("", None), "fsdp": ("data:1", None), "fsdp+remat": ("data:1", "nothing_saveable")}
+# a CPU layout runs only if its devices' arrays (XLA's memory analysis) fit in this share of the available
+# memory: the process needs about 1.1x more (measured: the fsdp Llama case, 10.9 GiB by the analysis, peaked at
+# 12.1 GiB RSS), and a shared machine keeps some for the others
+HOST_MEMORY_SHARE = 0.7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +155,21 @@ CASES = {
         quick_shape=Shape(batch_size=2, source_length=64, target_length=16),
     ),
 }
+
+
+SCALE_CASES = {
+    "llama": Case(
+        "llama", "run_clm_flax", "causal-lm", "llama", "FlaxLlamaForCausalLM",
+        # 100M parameters: 24.6M in the tied embedding, 6.3M in each of 12 layers
+        config=dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4,
+                    intermediate_size=2048, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=True),
+        shape=Shape(batch_size=1, source_length=512),
+        quick_config=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                          intermediate_size=128, vocab_size=512, max_position_embeddings=64, tie_word_embeddings=True),
+        quick_shape=Shape(batch_size=1, source_length=32),
+    ),
+}
+ALL_CASES = {**CASES, **SCALE_CASES}
 
 
 def log(label: str, message: str) -> None:
@@ -221,6 +254,13 @@ def analytic_train_flops(case: Case, config: Any, shape: Shape) -> float:
         weights_per_token = layers * (4 * width * width + 2 * width * config.intermediate_size)
         forward = (2 * weights_per_token * length + 4 * layers * length * length * width
                    + 2 * (width * width + width * config.num_labels))  # pooler and classifier, once per example
+    elif case.model_type == "llama":
+        width, layers, inner = config.hidden_size, config.num_hidden_layers, config.intermediate_size
+        head_dim = getattr(config, "head_dim", None) or width // config.num_attention_heads
+        query, key_value = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+        # query, key, value and output projections; gate, up and down projections; the output head
+        weights_per_token = layers * (2 * width * query + 2 * width * key_value + 3 * width * inner) + width * config.vocab_size
+        forward = 2 * weights_per_token * length + 4 * layers * length * length * query
     elif case.task == "causal-lm":
         width, layers = config.n_embd, config.n_layer
         inner = config.n_inner or 4 * width
@@ -242,10 +282,14 @@ def analytic_train_flops(case: Case, config: Any, shape: Shape) -> float:
 
 @dataclasses.dataclass
 class TrainingSetup:
-    """A jitted `step(state, device_batch, *extra_args) -> (state, {"loss": ...})` ready to run."""
+    """A jitted `step(state, device_batch, *extra_args) -> (state, {"loss": ...})` ready to run.
+
+    The step compiles for `state_shapes` (shapes, dtypes, shardings); `make_state()` makes the state.
+    """
 
     jitted_step: Any
-    state: Any
+    state_shapes: Any
+    make_state: Callable[[], Any]
     extra_args: tuple
     put_batch: Callable[[dict], Any]  # host batch {name: [1, batch, ...]} -> what the step takes
     param_count: int
@@ -257,15 +301,24 @@ def count_params(params: Any) -> int:
     return int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
 
 
-def native_setup(case: Case, config: Any, dtype: str, total_steps: int) -> TrainingSetup:
-    """This project's step, made as `Trainer.train` makes it, with the scripts' default training arguments."""
+def shapes_of(tree: Any) -> Any:
+    """The shapes, dtypes and shardings of a tree of arrays."""
+    import jax
+
+    return jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding), tree)
+
+
+def native_setup(case: Case, config: Any, dtype: str, total_steps: int, layout: str = "data") -> TrainingSetup:
+    """This project's step, made as `Trainer.train` makes it, with the scripts' default training arguments,
+    over the mesh and remat policy of `layout` (see `LAYOUTS`)."""
     import jax
 
     from flax_finetune import models, training
     from flax_finetune.arguments import TrainingArguments
 
+    mesh_spec, remat_policy = LAYOUTS[layout]
     args = TrainingArguments(output_dir=os.devnull, max_steps=total_steps)
-    mesh = training.data_mesh()
+    mesh = training.make_mesh(mesh_spec)
     model = models.from_config(config, case.task, dtype=dtype, seed=args.seed)
     schedule = training.linear_schedule(args.learning_rate, args.warmup_steps, total_steps)
     optimizer = training.make_optimizer(args, schedule)
@@ -273,10 +326,18 @@ def native_setup(case: Case, config: Any, dtype: str, total_steps: int) -> Train
     def logits_of(params, batch, dropout_rng):
         return model(params, dropout_rng=dropout_rng, train=True, **model_inputs(case.task, batch)).logits
 
-    step = training.make_train_step(task_loss(case.task, logits_of), optimizer, schedule, mesh, micro_batches=1)
+    # the shapes of init_state's state (tracing allocates nothing) and where it puts each array
+    state_shapes = jax.eval_shape(functools.partial(training.init_state, optimizer=optimizer, mesh=mesh), model.params)
+    state_layout = training.state_shardings(state_shapes, mesh)
+    step = training.make_train_step(task_loss(case.task, logits_of), optimizer, schedule, mesh, micro_batches=1,
+                                    state_layout=state_layout, remat_policy=remat_policy)
     return TrainingSetup(
         jitted_step=step,
-        state=training.init_state(model.params, optimizer, mesh),
+        state_shapes=jax.tree_util.tree_map(
+            lambda shape, sharding: jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding),
+            state_shapes, state_layout,
+        ),
+        make_state=functools.partial(training.init_state, model.params, optimizer, mesh),
         extra_args=(jax.random.PRNGKey(args.seed),),
         put_batch=lambda local: training.put_batch(local, mesh),
         param_count=count_params(model.params),
@@ -323,9 +384,11 @@ def reference_setup(case: Case, config: Any, dtype: str, total_steps: int) -> Tr
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     params = jax.device_put(model.params, NamedSharding(mesh, PartitionSpec()))
     batch_split = NamedSharding(mesh, PartitionSpec("data"))
+    state = {"params": params, "opt_state": jax.jit(optimizer.init)(params), "rng": jax.random.PRNGKey(args.seed)}
     return TrainingSetup(
         jitted_step=jax.jit(step, donate_argnums=0),
-        state={"params": params, "opt_state": jax.jit(optimizer.init)(params), "rng": jax.random.PRNGKey(args.seed)},
+        state_shapes=shapes_of(state),
+        make_state=lambda: state,
         extra_args=(),
         put_batch=lambda local: jax.device_put({name: value[0] for name, value in local.items()}, batch_split),
         param_count=count_params(params),
@@ -345,6 +408,55 @@ def compiled_flops(compiled: Any) -> Optional[float]:
         analysis = analysis[0] if analysis else None
     flops = (analysis or {}).get("flops", 0.0)
     return float(flops) if flops > 0 else None
+
+
+def compiled_memory(compiled: Any) -> dict:
+    """XLA's memory analysis of the compiled step, bytes on one device: its arguments (state and batch),
+    outputs, outputs that reuse donated argument buffers (alias), and temporaries (activations kept for
+    the backward pass, gradients, gathered FSDP shards, ...: everything live only during the step).
+    None where the backend gives no analysis."""
+    try:
+        analysis = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001  (backends without one raise different errors)
+        analysis = None
+    fields = ("argument", "output", "alias", "temp")
+    return {f"{field}_bytes_per_device": getattr(analysis, f"{field}_size_in_bytes", None) for field in fields}
+
+
+class TooLargeForHost(Exception):
+    """The step's arrays on this process's CPU devices would not fit in the host's available memory:
+    why, and the figures measured before the refusal."""
+
+    def __init__(self, reason: str, figures: dict):
+        super().__init__(reason)
+        self.reason, self.figures = reason, figures
+
+
+def available_host_bytes() -> Optional[int]:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        lines = Path("/proc/meminfo").read_text().splitlines()
+    except OSError:
+        return None
+    values = {line.split(":")[0]: line.split()[1] for line in lines if ":" in line}
+    return int(values["MemAvailable"]) * 1024 if "MemAvailable" in values else None
+
+
+def host_shortfall(memory: dict) -> Optional[str]:
+    """Why the step cannot run here where, on CPU, the local devices' arguments, outputs and temporaries
+    need more than HOST_MEMORY_SHARE of the available host memory (a shared machine is never pushed out
+    of it); None where it fits or nothing is known."""
+    import jax
+
+    if jax.default_backend() != "cpu" or None in memory.values():
+        return None
+    per_device = sum(memory[f"{field}_bytes_per_device"] for field in ("argument", "output", "temp"))
+    needed = (per_device - memory["alias_bytes_per_device"]) * jax.local_device_count()
+    available = available_host_bytes()
+    if available is None or needed <= HOST_MEMORY_SHARE * available:
+        return None
+    return (f"not run: needs {needed / 2**30:.1f} GiB on {jax.local_device_count()} CPU devices (XLA's memory "
+            f"analysis), more than {HOST_MEMORY_SHARE:.0%} of the {available / 2**30:.1f} GiB available")
 
 
 def peak_memory() -> dict:
@@ -372,15 +484,22 @@ def time_steps(setup: TrainingSetup, batches: Iterator[dict], spawned_at: float,
     """
     import jax
 
+    from flax_finetune import training
     from flax_finetune.trainer import DivergenceGuard
 
     first_batch = setup.put_batch(next(batches))
     started = time.perf_counter()
-    compiled = setup.jitted_step.lower(setup.state, first_batch, *setup.extra_args).compile()
+    compiled = setup.jitted_step.lower(setup.state_shapes, first_batch, *setup.extra_args).compile()
     compile_seconds = time.perf_counter() - started
+    memory = compiled_memory(compiled)
+    shortfall = host_shortfall(memory)
+    if shortfall:
+        raise TooLargeForHost(shortfall, {"compile_seconds": compile_seconds, **memory})
+    state = setup.make_state()
+    state_bytes, state_bytes_per_device = training.bytes_per_device(state)
     log(label, f"compiled in {compile_seconds:.1f} s; first step")
     started = time.perf_counter()
-    state, metrics = compiled(setup.state, first_batch, *setup.extra_args)
+    state, metrics = compiled(state, first_batch, *setup.extra_args)
     jax.block_until_ready(metrics)
     first_step_seconds = time.perf_counter() - started
     time_to_first_step = time.time() - spawned_at
@@ -415,6 +534,9 @@ def time_steps(setup: TrainingSetup, batches: Iterator[dict], spawned_at: float,
         )),
         "final_loss": float(metrics["loss"]),
         "compiled_flops_per_step": compiled_flops(compiled),
+        "state_bytes": state_bytes,
+        "state_bytes_per_device": state_bytes_per_device,
+        **memory,
     }
 
 
@@ -429,16 +551,20 @@ class PreparedRun:
     batches: Iterator[dict]
 
 
-def prepare_run(case: Case, implementation: str, dtype: str, quick: bool, total_steps: int) -> PreparedRun:
-    """Model, optimizer, step and `total_steps` batches of synthetic rows for one (case, implementation, dtype)."""
+def prepare_run(case: Case, implementation: str, dtype: str, quick: bool, total_steps: int,
+                layout: str = "data") -> PreparedRun:
+    """Model, optimizer, step and `total_steps` batches of synthetic rows for one (case, implementation, dtype)
+    (this project's step over the mesh of `layout`; the reference is always data parallel)."""
     import jax
 
     from flax_finetune import data, models
 
     overrides, shape = case.sizes(quick)
     config = models.new_config(case.model_type, **overrides)
-    make_setup = native_setup if implementation == NATIVE else reference_setup
-    setup = make_setup(case, config, dtype, total_steps)
+    if implementation == NATIVE:
+        setup = native_setup(case, config, dtype, total_steps, layout)
+    else:
+        setup = reference_setup(case, config, dtype, total_steps)
     plan = data.BatchPlan(
         num_examples=total_steps * shape.batch_size * jax.device_count(),
         micro_batch_size=shape.batch_size * jax.device_count(),
@@ -449,22 +575,28 @@ def prepare_run(case: Case, implementation: str, dtype: str, quick: bool, total_
     return PreparedRun(setup, config, shape, plan, data.iterate_batches(rows, plan, seed=SEED))
 
 
-def training_job(case: Case, implementation: str, dtype: str, quick: bool, spawned_at: float) -> dict:
-    """Timings, FLOP counts and memory of one (case, implementation, dtype) in this process."""
+def training_job(case: Case, implementation: str, dtype: str, quick: bool, spawned_at: float,
+                 layout: str = "data") -> dict:
+    """Timings, FLOP counts and memory of one (case, implementation, dtype, layout) in this process."""
     import jax
 
-    label = f"{case.name} {implementation} {dtype}"
+    label = f"{case.name} {implementation} {dtype}" + ("" if layout == "data" else f" {layout}")
     log(label, f"building the model and optimizer ({jax.device_count()} {jax.default_backend()} devices)")
-    run = prepare_run(case, implementation, dtype, quick, total_steps=1 + MAX_TIMED_STEPS)
-    timings = time_steps(run.setup, run.batches, spawned_at, label)
-    return {
+    run = prepare_run(case, implementation, dtype, quick, total_steps=1 + MAX_TIMED_STEPS, layout=layout)
+    description = {
         "param_count": run.setup.param_count,
         "device_count": jax.device_count(),
+        # on CPU every device of the process computes on the same cores: one matmul peak for all
+        "peak_devices": 1 if jax.default_backend() == "cpu" else jax.device_count(),
         "global_batch_size": run.plan.global_batch_size,
         "analytic_flops_per_step": analytic_train_flops(case, run.config, run.shape) * run.plan.global_batch_size,
-        **timings,
-        **peak_memory(),
     }
+    try:
+        timings = time_steps(run.setup, run.batches, spawned_at, label)
+    except TooLargeForHost as refusal:
+        log(label, refusal.reason)
+        return {**description, **refusal.figures, "status": "skipped", "reason": refusal.reason}
+    return {**description, **timings, **peak_memory()}
 
 
 def matmul_job(dtypes: list[str], quick: bool) -> dict:
@@ -519,22 +651,28 @@ def installed_versions() -> dict:
 # --------------------------------------------------------------------------- orchestration (parent process)
 
 
-def child_environment(backend: Optional[str]) -> dict:
+def child_environment(backend: Optional[str], cpu_devices: Optional[int] = None) -> dict:
+    """The environment of a measurement: offline, on `backend`, with `cpu_devices` emulated CPU devices if given."""
     environment = dict(os.environ)
     for name, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}.items():
         environment.setdefault(name, value)
     if backend:
         environment["JAX_PLATFORMS"] = backend
+    if cpu_devices:
+        environment["XLA_FLAGS"] = (
+            f"{environment.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={cpu_devices}".strip()
+        )
     return environment
 
 
-def run_child(job_arguments: list[str], backend: Optional[str]) -> dict:
+def run_child(job_arguments: list[str], backend: Optional[str], cpu_devices: Optional[int] = None) -> dict:
     """Run this file as `--job ...` in a new process, echoing its progress; its result, or why it failed."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
         command = [sys.executable, __file__, *job_arguments, "--result", str(result), "--spawned-at", repr(time.time()),
                    *(["--backend", backend] if backend else [])]
-        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=child_environment(backend))
+        process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                                   env=child_environment(backend, cpu_devices))
         last_lines = collections.deque(maxlen=10)
         for line in process.stderr:
             sys.stderr.write(line)
@@ -557,7 +695,9 @@ def reference_unavailable() -> Optional[str]:
 
 
 def add_utilisation(run: dict, peaks: dict) -> None:
-    """Throughputs and MFU of a finished run, against the matmul peak of its dtype on all its devices."""
+    """Throughputs and MFU of a finished run, against the matmul peak of its dtype on all its devices
+    (on CPU, devices of one process share the cores: one peak for all of them). MFU counts model FLOPs:
+    a rematerialised step's recomputation is not counted (its MFU uses the analytic count)."""
     seconds_per_step = run["timed_seconds"] / run["timed_steps"]
     run["step_ms"] = seconds_per_step * 1e3
     run["examples_per_second"] = run["global_batch_size"] / seconds_per_step
@@ -566,17 +706,19 @@ def add_utilisation(run: dict, peaks: dict) -> None:
     # a sharded program's cost analysis counts one device's share
     compiled_total = compiled * run["device_count"] if compiled else None
     agrees = compiled_total and 1 / FLOPS_AGREEMENT <= compiled_total / analytic <= FLOPS_AGREEMENT
-    run["flops_source"] = "compiled" if agrees else "analytic"
+    recomputes = LAYOUTS[run.get("layout", "data")][1] is not None
+    use_compiled = agrees and not recomputes
+    run["flops_source"] = "compiled" if use_compiled else "analytic"
     peak = peaks.get(run["dtype"], {}).get("gflops")
-    ceiling = peak * 1e9 * run["device_count"] * seconds_per_step if peak else None
-    run["mfu"] = (compiled_total if agrees else analytic) / ceiling if ceiling else None
+    ceiling = peak * 1e9 * run["peak_devices"] * seconds_per_step if peak else None
+    run["mfu"] = (compiled_total if use_compiled else analytic) / ceiling if ceiling else None
     run["mfu_analytic"] = analytic / ceiling if ceiling else None
 
 
 def ratios(runs: list[dict]) -> list[dict]:
     """Throughput ratios: this project over the reference (same case and dtype), each dtype over float32."""
     throughput = {(run["case"], run["implementation"], run["dtype"]): run["examples_per_second"]
-                  for run in runs if run["status"] == "ok"}
+                  for run in runs if run["status"] == "ok" and run["case"] in CASES}
     found = []
     for (case, implementation, dtype), value in throughput.items():
         if implementation == NATIVE and (case, REFERENCE, dtype) in throughput:
@@ -602,7 +744,8 @@ def markdown_report(report: dict) -> str:
     machine = report["machine"]
     versions = ", ".join(f"{name} {version}" for name, version in machine.get("versions", {}).items() if version)
     peaks = report["matmul_peak"]
-    ok = [run for run in report["runs"] if run["status"] == "ok"]
+    ok = [run for run in report["runs"] if run["status"] == "ok" and "layout" not in run]
+    scale = [run for run in report["runs"] if "layout" in run]
     parts = [
         "# Training-step benchmark",
         f"{report['created']}; {machine.get('backend', '?')} backend, {machine.get('device_count', '?')} x "
@@ -612,8 +755,9 @@ def markdown_report(report: dict) -> str:
         "## Matmul peak (one device)",
         markdown_table(["dtype", "size", "GFLOP/s"],
                        [[dtype, f"{peak['size']}", number(peak["gflops"])] for dtype, peak in peaks.items()]),
-        "## Training steps",
-        markdown_table(
+    ]
+    if ok:
+        parts += ["## Training steps", markdown_table(
             ["case", "implementation", "dtype", "batch", "examples/s", "tokens/s", "step ms", "MFU",
              "FLOPs from", "MFU (analytic)", "compile s", "first step s", "slow-input steps", "peak RSS MiB"],
             [[run["case"], run["implementation"], run["dtype"], str(run["global_batch_size"]),
@@ -622,23 +766,33 @@ def markdown_report(report: dict) -> str:
               number(run["compile_seconds"]), number(run["time_to_first_step_seconds"]),
               f"{run['slow_input_steps']} of {run['timed_steps']}", number(run["peak_rss_mib"], 0)]
              for run in ok],
-        ),
-    ]
+        )]
     if report["ratios"]:
         parts += ["## Throughput ratios", markdown_table(
             ["case", "compared", "dtype or implementation", "ratio"],
             [[entry["case"], entry["compared"], entry.get("dtype") or entry["implementation"],
               number(entry["ratio"], 2)] for entry in report["ratios"]],
         )]
-    notes = [f"- {run['case']} {run['implementation']} {run['dtype']}: {run['status']}: {run['reason']}"
-             for run in report["runs"] if run["status"] != "ok"]
+    if scale:
+        parts += [f"## Scale: data parallel, FSDP, FSDP + remat ({scale[0]['case']}, {scale[0]['dtype']})",
+                  scale_table(scale)]
+    notes = [f"- {run['case']} {run['implementation']} {run['dtype']} {run.get('layout', '')}: {run['status']}: "
+             f"{run['reason']}" for run in report["runs"] if run["status"] != "ok"]
     if report["matmul_failure"]:
         notes.insert(0, f"- matmul peak: failed, so no MFU: {report['matmul_failure']}")
     parts += ["## Notes", "\n".join(notes + [
         "- tokens/s counts source and target tokens; batch is the global batch (per-device batch x devices).",
-        "- MFU: model FLOPs per step / step time / (matmul peak of the dtype x devices). FLOPs from: XLA's cost "
+        "- MFU: model FLOPs per step / step time / (matmul peak of the dtype x devices; on CPU, where the "
+        "devices of a process share the cores, x 1). FLOPs from: XLA's cost "
         "analysis of the compiled step where it agrees with the analytic count within 2x, else the analytic "
         "count (3 x forward; forward = 2 x matmul weights per token x tokens + attention).",
+        "- Scale: per device, params + optimizer is the parameter and optimizer-state bytes the device holds "
+        "(read from the arrays' shardings); temporary is XLA's memory analysis of the compiled step "
+        "(temp_size_in_bytes: activations kept for the backward pass, gradients, gathered FSDP shards, "
+        "everything live only within the step), beside its argument bytes (state and batch). On CPU the "
+        "devices are emulated (XLA_FLAGS=--xla_force_host_platform_device_count) and share the machine's "
+        "cores, so MFU there is measured against ONE device's matmul peak (the whole machine); a "
+        "remat step's MFU counts model FLOPs only (the analytic count, recomputation excluded).",
         f"- slow-input steps: timed steps whose host input time (gather + device put) exceeded "
         f"{SLOW_INPUT_FRACTION:.0%} of the step. first step s: from the process start, model init and "
         "compilation included.",
@@ -646,16 +800,45 @@ def markdown_report(report: dict) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def mebibytes(value: Optional[float]) -> str:
+    return number(None if value is None else value / 2**20, 1)
+
+
+def scale_table(runs: list[dict]) -> str:
+    """One row per layout of the scale case: speed, and memory per device."""
+    rows = []
+    for run in runs:
+        ok = run["status"] == "ok"
+        state = (f"{mebibytes(run['state_bytes_per_device'])} of {mebibytes(run['state_bytes'])}" if ok else "-")
+        rows.append([
+            run["layout"], str(run.get("device_count", "-")),
+            "-" if "param_count" not in run else f"{run['param_count'] / 1e6:.1f}M",
+            str(run.get("global_batch_size", "-")) + f" x {run['tokens_per_example']}",
+            number(run.get("tokens_per_second"), 0), number(run.get("step_ms"), 0), number(run.get("mfu"), 3),
+            state, mebibytes(run.get("temp_bytes_per_device")), mebibytes(run.get("argument_bytes_per_device")),
+            number(run.get("compile_seconds")), number(run.get("peak_rss_mib"), 0),
+            "ok" if ok else run["status"],
+        ])
+    return markdown_table(
+        ["layout", "devices", "params", "batch x tokens", "tokens/s", "step ms", "MFU",
+         "params + optimizer MiB per device (of all)", "temporary MiB per device", "arguments MiB per device",
+         "compile s", "peak RSS MiB (all devices)", "status"],
+        rows,
+    )
+
+
 def run_all(args: argparse.Namespace) -> int:
     """Run every measurement in its own process, write bench.json and bench.md, print the table."""
     started = time.perf_counter()
-    cases = [CASES[name] for name in args.only]
+    cases = [CASES[name] for name in args.only if name in CASES]
+    scale_cases = [SCALE_CASES[name] for name in args.only if name in SCALE_CASES]
     quick = ["--quick"] if args.quick else []
     unavailable = reference_unavailable()
     combinations = [(case, implementation, dtype) for case in cases for dtype in args.dtype
                     for implementation in (NATIVE, REFERENCE)
                     if implementation == NATIVE or dtype in args.reference_dtype]
-    total = 1 + sum(1 for _, implementation, _ in combinations if implementation == NATIVE or not unavailable)
+    total = (1 + sum(1 for _, implementation, _ in combinations if implementation == NATIVE or not unavailable)
+             + len(scale_cases) * len(LAYOUTS))
     log("bench", f"1 of {total}: matmul peak")
     matmul = run_child(["--job", "matmul", "--dtype", *args.dtype, *quick], args.backend)
     runs, position = [], 1
@@ -676,6 +859,20 @@ def run_all(args: argparse.Namespace) -> int:
         if run["status"] == "ok":
             add_utilisation(run, matmul.get("peaks", {}))
         runs.append(run)
+    for case in scale_cases:
+        _, shape = case.sizes(args.quick)
+        for layout in LAYOUTS:
+            position += 1
+            log("bench", f"{position} of {total}: {case.name} ({case.script}) on {SCALE_DEVICES} devices, {layout}")
+            run = {"case": case.name, "script": case.script, "implementation": NATIVE, "dtype": args.dtype[0],
+                   "layout": layout, "batch_size": shape.batch_size, "source_length": shape.source_length,
+                   "target_length": shape.target_length, "tokens_per_example": shape.tokens_per_example}
+            run.update(run_child(["--job", "train", "--case", case.name, "--implementation", NATIVE,
+                                  "--dtype", args.dtype[0], "--layout", layout, *quick],
+                                 args.backend, cpu_devices=SCALE_DEVICES))
+            if run["status"] == "ok":
+                add_utilisation(run, matmul.get("peaks", {}))
+            runs.append(run)
     report = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": sys.argv,
@@ -707,15 +904,16 @@ def run_job(args: argparse.Namespace) -> None:
     if args.job == "matmul":
         result = matmul_job(args.dtype, args.quick)
     else:
-        result = training_job(CASES[args.case], args.implementation, args.dtype[0], args.quick, args.spawned_at)
+        result = training_job(ALL_CASES[args.case], args.implementation, args.dtype[0], args.quick, args.spawned_at,
+                              args.layout)
     Path(args.result).write_text(json.dumps(result))
 
 
 def case_names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in CASES]
+    unknown = [name for name in names if name not in ALL_CASES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
+        raise argparse.ArgumentTypeError(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(ALL_CASES)}")
     return names
 
 
@@ -733,11 +931,14 @@ def parse_arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--backend", choices=list(BACKENDS),
                         help="JAX platform of every measurement (default: the one JAX picks); a run that JAX "
                              "puts elsewhere fails.")
-    parser.add_argument("--only", type=case_names, default=list(CASES),
-                        help=f"Comma-separated cases to run (default: {','.join(CASES)}).")
+    parser.add_argument("--only", type=case_names, default=list(ALL_CASES),
+                        help=f"Comma-separated cases to run (default: {','.join(ALL_CASES)}; "
+                             f"{','.join(SCALE_CASES)}: the scale case, on {SCALE_DEVICES} devices in each of "
+                             f"{', '.join(LAYOUTS)}, in the first --dtype).")
     # one measurement in a child process (set by run_child)
     parser.add_argument("--job", choices=("matmul", "train"), help=argparse.SUPPRESS)
-    parser.add_argument("--case", choices=list(CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--case", choices=list(ALL_CASES), help=argparse.SUPPRESS)
+    parser.add_argument("--layout", choices=list(LAYOUTS), default="data", help=argparse.SUPPRESS)
     parser.add_argument("--implementation", choices=(NATIVE, REFERENCE), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--spawned-at", type=float, help=argparse.SUPPRESS)

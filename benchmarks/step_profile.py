@@ -79,8 +79,9 @@ def profile(args: argparse.Namespace) -> str:
     case = bench.CASES[args.case]
     run = bench.prepare_run(case, args.implementation, args.dtype, args.quick, total_steps=3)
     setup, config, shape, plan = run.setup, run.config, run.shape, run.plan
-    compiled = setup.jitted_step.lower(setup.state, setup.put_batch(next(run.batches)), *setup.extra_args).compile()
-    state, metrics = compiled(setup.state, setup.put_batch(next(run.batches)), *setup.extra_args)  # warm-up
+    state = setup.make_state()
+    compiled = setup.jitted_step.lower(setup.state_shapes, setup.put_batch(next(run.batches)), *setup.extra_args).compile()
+    state, metrics = compiled(state, setup.put_batch(next(run.batches)), *setup.extra_args)  # warm-up
     jax.block_until_ready(metrics)
     batch = setup.put_batch(next(run.batches))
     trace_dir = args.output / f"trace-{args.case}-{args.implementation}-{args.dtype}"
