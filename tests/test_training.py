@@ -202,3 +202,32 @@ def test_state_is_split_over_fsdp_along_its_largest_divisible_axis():
     assert training.fsdp_axis((32, 32), 4) == 0
     assert training.fsdp_axis((37,), 4) is None and training.fsdp_axis((), 4) is None
     assert training.fsdp_axis((64, 32), 1) is None
+
+
+def test_time_spent_waiting_for_input_is_measured(tmp_path):
+    """Rows that take 0.1 s to load make the step (microseconds) wait for them; rows in memory do not."""
+    import json
+    import time
+
+    class SlowRows:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def take(self, indices, epoch=0):
+            time.sleep(0.1)
+            return self.rows.take(indices, epoch)
+
+    fractions = {}
+    for name, rows in {"slow": SlowRows(toy_rows(32)), "in memory": toy_rows(32)}.items():
+        output = OutputDir(str(tmp_path / name), overwrite=False)
+        output.create()
+        Trainer(args(tmp_path / name, num_train_epochs=1, logging_steps=8), output, toy_loss,
+                lambda p, b: {}).train(toy_params(), rows)
+        results = json.loads((tmp_path / name / "train_results.json").read_text())
+        fractions[name] = results["train_input_wait_fraction"]
+        if name == "slow":
+            assert results["train_input_wait_seconds"] >= 8 * 0.1 * 0.5  # 8 batches, up to 2 made ahead
+    assert fractions["slow"] > 0.3 > fractions["in memory"]

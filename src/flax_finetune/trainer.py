@@ -181,12 +181,19 @@ class Trainer:
         pending: list[Mapping[str, jax.Array]] = []
         guard = DivergenceGuard(total_steps)
         first_step_seconds = None  # from entering train() to the first step's result: mostly compilation
+        input_wait = 0.0  # seconds the loop waited for the next batch (the prefetch thread fell behind)
         try:
             while step < total_steps:
                 epoch, offset = divmod(step, steps_per_epoch)
                 batches_left = min(steps_per_epoch, offset + total_steps - step)
                 with progress_bar(batches_left, offset, f"epoch {epoch + 1}", not self.show_bars) as bar:
-                    for local in data.iterate_batches(rows, plan, args.seed, epoch, offset):
+                    batches = data.iterate_batches(rows, plan, args.seed, epoch, offset)
+                    while True:
+                        waited = time.perf_counter()
+                        local = next(batches, None)
+                        input_wait += time.perf_counter() - waited
+                        if local is None:
+                            break
                         state, metrics = train_step(state, training.put_batch(local, self.mesh), dropout_rng, *frozen)
                         step += 1
                         if first_step_seconds is None:
@@ -220,12 +227,15 @@ class Trainer:
                                 self.on_save(step, training.fetch(full_params(state)))
                         if step >= total_steps:
                             break
+                    batches.close()
             guard.check()
         finally:
             if checkpoints is not None:
                 checkpoints.wait()
                 checkpoints.close()
         runtime = time.perf_counter() - started
+        logger.info("training took %.1f s, %.1f s of it (%.1f%%) waiting for input batches",
+                    runtime, input_wait, 100 * input_wait / max(runtime, 1e-9))
         examples = (step - first_step) * plan.global_batch_size
         self.output.write_results(
             "train",
@@ -236,6 +246,8 @@ class Trainer:
                 "steps": step,
                 "samples": len(rows),
                 "first_step_seconds": first_step_seconds or 0.0,
+                "input_wait_seconds": input_wait,
+                "input_wait_fraction": input_wait / runtime if runtime else 0.0,
                 "state_bytes": state_bytes,
                 "state_bytes_per_device": state_bytes_per_device,
                 **adapter_results,
