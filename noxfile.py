@@ -414,10 +414,16 @@ def make_bench_session(backend: str) -> None:
         session.run("python", "benchmarks/generation.py", "--output", str(REPORTS / name), env=platform_only)
         if backend == "cpu":
             session.run("python", "benchmarks/postprocessing.py")
+            # The README commands, cold and warm; beside the original scripts where ORIGINAL_FLAX_EXAMPLES
+            # names a folder laid out as Transformers' examples/flax/ (they are on no package index).
+            original = os.environ.get("ORIGINAL_FLAX_EXAMPLES")
+            session.run("python", "benchmarks/end_to_end.py", "--output", str(REPORTS / name),
+                        *(["--original", original] if original else []))
 
     session.__doc__ = (f"Training-step benchmark on {backend} (matmul peak, throughput, MFU, compile time, memory; "
                        f"{'float32 and bfloat16' if backend == 'cpu' else 'bfloat16'}), then generation against "
-                       f"Transformers' Flax generate, into reports/{name}.")
+                       f"Transformers' Flax generate{', post-processing and the README commands cold and warm' if backend == 'cpu' else ''}, "
+                       f"into reports/{name}.")
 
 
 for _backend in BACKENDS:

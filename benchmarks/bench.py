@@ -884,14 +884,18 @@ def run_all(args: argparse.Namespace) -> int:
         "ratios": ratios(runs),
         "elapsed_seconds": time.perf_counter() - started,
     }
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown_report(report)
-    (args.output / "bench.md").write_text(table)
-    print(table)
-    log("bench", f"written: {args.output / 'bench.json'}, {args.output / 'bench.md'}")
+    write_report(args.output, "bench", report, markdown_report(report))
     failed = matmul["status"] != "ok" or any(run["status"] == "failed" for run in runs)
     return 1 if failed else 0
+
+
+def write_report(output: Path, stem: str, report: dict, table: str) -> None:
+    """`report` to output/<stem>.json and its Markdown `table` to output/<stem>.md (also printed)."""
+    output.mkdir(parents=True, exist_ok=True)
+    (output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (output / f"{stem}.md").write_text(table)
+    print(table)
+    log(stem, f"written: {output / (stem + '.json')}, {output / (stem + '.md')}")
 
 
 def run_job(args: argparse.Namespace) -> None:

@@ -11,6 +11,8 @@
 - clm: a text file of --megabytes MB, the fixture prose repeated with a running number per line;
   run_clm_flax.py trains tiny-gpt2 on it (block 128) for --max_steps steps.
 
+Each worker count runs with empty datasets and compilation caches (cold), then the last one
+runs again on its caches (warm: the tokenized data and compiled programs are read back).
 Each run is a process of its own, started from a small wrapper process, so its peak resident
 memory (the wrapper's RUSAGE_CHILDREN ru_maxrss) is that run's alone. RSS counts the pages of
 memory-mapped files (datasets' Arrow caches) that the process has touched, besides its own memory.
@@ -105,12 +107,14 @@ def command(case: str, data_file: Path, output: Path, workers: int, max_steps: i
     return [*common, "--model_name_or_path", str(FIXTURES / "models" / "tiny-gpt2"), "--block_size", "128"]
 
 
-def run(case: str, scripts: Path, data_file: Path, workers: int, max_steps: int) -> dict:
-    """One run of the case's script as a measured process: wall seconds, peak RSS, training figures."""
+def run(case: str, scripts: Path, data_file: Path, workers: int, max_steps: int, caches: Path) -> dict:
+    """One run of the case's script as a measured process: wall seconds, peak RSS, training figures.
+
+    `caches`: the folder of the run's datasets and compilation caches (empty for a cold run)."""
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "out"
         env = {**os.environ, "PYTHONPATH": str(scripts.parent / "src"),
-               "JAX_COMPILATION_CACHE_DIR": str(Path(scratch) / "jax-cache")}
+               "HF_DATASETS_CACHE": str(caches / "datasets"), "JAX_COMPILATION_CACHE_DIR": str(caches / "jax")}
         started = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-c", MEASURED, sys.executable, str(scripts / SCRIPTS[case]),
@@ -153,14 +157,20 @@ def main(argv=None) -> None:
         print(f"generated {size} in {time.perf_counter() - started:.1f} s; load average {os.getloadavg()[0]:.1f}",
               flush=True)
         runs = []
-        for workers in args.workers:
-            runs.append(run(args.case, args.scripts.resolve(), data_file, workers, args.max_steps))
+        for workers in args.workers:  # each cold: fresh datasets and compilation caches
+            caches = Path(scratch) / f"caches-{workers}"
+            runs.append({"caches": "cold", **run(args.case, args.scripts.resolve(), data_file, workers,
+                                                 args.max_steps, caches)})
             print(json.dumps(runs[-1]), flush=True)
+        # the last command again, reading what the cold run cached
+        runs.append({"caches": "warm", **run(args.case, args.scripts.resolve(), data_file, args.workers[-1],
+                                             args.max_steps, caches)})
+        print(json.dumps(runs[-1]), flush=True)
 
-    header = ["workers", "wall s", "peak RSS MB", "outside training s", "first step s", f"{args.max_steps} steps s",
+    header = ["caches", "workers", "wall s", "peak RSS MB", "outside training s", "first step s", f"{args.max_steps} steps s",
               "input wait"]
     table = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    table += [f"| {r['workers']} | {r['wall_seconds']} | {r['peak_rss_mb']} | {r['outside_training_seconds']} | "
+    table += [f"| {r['caches']} | {r['workers']} | {r['wall_seconds']} | {r['peak_rss_mb']} | {r['outside_training_seconds']} | "
               f"{r['first_step_seconds']} | {r['train_runtime_seconds']} | {r['input_wait_fraction']} |" for r in runs]
     text = (f"{args.case}, {size}, scripts from {args.scripts}, load average {os.getloadavg()[0]:.1f}\n\n"
             + "\n".join(table) + "\n")

@@ -1,0 +1,39 @@
+"""Memory that does not grow with the corpus: run_clm_flax.py on two generated texts 10x apart.
+
+The blocks are read from the tokenized Arrow cache batch by batch (data.TokenStream), so the
+corpus itself costs only the pages of its memory-mapped cache that the process touches: the
+larger run's peak RSS must stay within 15 % of the smaller one's. The earlier in-memory pipeline
+(every token a Python int in a list, then block arrays) grew by about 40 bytes a token.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_scale():
+    spec = importlib.util.spec_from_file_location("data_scale", ROOT / "benchmarks" / "data_scale.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.reliability
+@pytest.mark.spawns
+def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
+    bench = data_scale()
+    peaks = {}
+    for megabytes in (2, 20):
+        folder = tmp_path / f"{megabytes}mb"
+        folder.mkdir()
+        corpus = bench.make_text(folder, megabytes)
+        result = bench.run("clm", ROOT / "examples", corpus, workers=2, max_steps=5, caches=folder / "caches")
+        peaks[megabytes] = result["peak_rss_mb"]
+    assert peaks[20] <= 1.15 * peaks[2], peaks
