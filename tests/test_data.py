@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -164,3 +165,51 @@ def test_computed_rows_compute_when_taken_and_keep_only_what_the_budget_holds():
     assert sorted(calls) == [1, 4, 7, 8]  # 1 and 4 were kept; the budget then held one more row
     data.gather(rows, np.array([7, 8]))
     assert len(rows.cache) == 3 and len(calls) == 5  # one of 7 and 8 (whichever thread came second) again
+
+
+TOKENIZED_BATCHES: list[int] = []  # a module list, not tokenizer state: datasets hashes the tokenizer for its cache key
+
+
+class WordLengthTokenizer:
+    """Tokenizer stand-in: a word's id is its length plus `offset`; records each batch it tokenizes."""
+
+    def __init__(self, offset: int):
+        self.offset = offset
+
+    def __call__(self, texts, add_special_tokens=True, return_attention_mask=False):
+        TOKENIZED_BATCHES.append(len(texts))
+        return {"input_ids": [[self.offset + len(word) for word in text.split()] for text in texts]}
+
+
+def test_tokenized_text_is_cached_keyed_by_the_tokenizer_and_read_per_block(tmp_path):
+    import datasets
+
+    from flax_finetune import scripts
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("".join(f"line {number} has some words\n" for number in range(50)))
+    split = datasets.load_dataset("text", data_files=str(corpus), split="train")
+
+    def tokenize(tokenizer, overwrite_cache=False):
+        options = types.SimpleNamespace(preprocessing_num_workers=None, map_options={
+            "num_proc": None, "load_from_cache_file": not overwrite_cache})
+        TOKENIZED_BATCHES.clear()
+        stream = scripts.token_stream(split, tokenizer, options, add_special_tokens=True)
+        return stream.read(0, len(stream)), bool(TOKENIZED_BATCHES)
+
+    first, tokenized = tokenize(WordLengthTokenizer(0))
+    assert tokenized and len(first) == 50 * 5 and first[:5].tolist() == [4, 1, 3, 4, 5]
+    again, tokenized = tokenize(WordLengthTokenizer(0))
+    assert not tokenized and np.array_equal(again, first)  # the rerun read the cache
+    other, tokenized = tokenize(WordLengthTokenizer(100))
+    assert tokenized and np.array_equal(other, first + 100)  # another tokenizer is never served stale ids
+    _, tokenized = tokenize(WordLengthTokenizer(0), overwrite_cache=True)
+    assert tokenized
+
+    stream = data.TokenStream(datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4], [5, 6, 7, 8]]}))
+    blocks = data.TokenBlocks(stream, width=4, pad_id=0, prefix=[9], suffix=[], special_tokens_mask=True)
+    taken = blocks.take(np.array([2, 0]))
+    assert len(blocks) == 3 and taken["input_ids"].tolist() == [[9, 7, 8, 0], [9, 1, 2, 3]]
+    assert taken["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
+    assert taken["special_tokens_mask"].tolist() == [[1, 0, 0, 1], [1, 0, 0, 0]]
+    assert len(data.TokenBlocks(stream, width=3, pad_id=0, drop_last=True)) == 2

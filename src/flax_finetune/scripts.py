@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -65,6 +66,7 @@ def token_stream(dataset: Any, tokenizer: Any, data_args: Any, add_special_token
     import datasets
 
     column = text_column(dataset)
+    started = time.perf_counter()
     tokenized = dataset.map(
         lambda batch: {"input_ids": tokenizer(
             [str(text) for text in batch[column]], add_special_tokens=add_special_tokens, return_attention_mask=False
@@ -74,7 +76,9 @@ def token_stream(dataset: Any, tokenizer: Any, data_args: Any, add_special_token
         **data_args.map_options,
     )
     stream = data.TokenStream(tokenized)
-    logger.info("%d texts, %d tokens", len(dataset), len(stream))
+    seconds = time.perf_counter() - started
+    logger.info("tokenized %d texts into %d tokens in %.1f s (%.0f tokens/s, %s)", len(dataset), len(stream), seconds,
+                len(stream) / max(seconds, 1e-9), f"{data_args.preprocessing_num_workers or 1} processes")
     return stream
 
 
@@ -357,7 +361,6 @@ class Run:
         README.md model card, and with --push_to_hub goes to the hub (also at
         every --save_steps with --hub_strategy every_save).
         """
-        import time
 
         trainer = self.trainer(loss_fn, predict_fn)
         params = model.params
