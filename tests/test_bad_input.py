@@ -114,6 +114,13 @@ CASES = {
     "clm: zero training steps": (
         CLM, lambda d, t: clm_args(d, DATA / "prose" / "validation.txt", "--num_train_epochs", "0"),
         "no training steps: raise --num_train_epochs or --max_steps"),
+    "clm: --streaming without --max_steps": (
+        CLM, lambda d, t: clm_args(d, DATA / "prose" / "validation.txt", "--streaming"),
+        "--streaming needs --max_steps"),
+    "clm: --streaming holding out a validation percentage": (
+        CLM, lambda d, t: clm_args(d, DATA / "prose" / "validation.txt", "--streaming", "--max_steps", "2",
+                                   "--do_eval"),
+        "--streaming: give --validation_file"),
     "clm: --resume_from_checkpoint without a checkpoint": (
         CLM, lambda d, t: clm_args(d, DATA / "prose" / "validation.txt", "--resume_from_checkpoint", t / "run"),
         "--resume_from_checkpoint .*run: no checkpoint found there"),

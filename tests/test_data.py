@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import types
@@ -213,3 +214,26 @@ def test_tokenized_text_is_cached_keyed_by_the_tokenizer_and_read_per_block(tmp_
     assert taken["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
     assert taken["special_tokens_mask"].tolist() == [[1, 0, 0, 1], [1, 0, 0, 0]]
     assert len(data.TokenBlocks(stream, width=3, pad_id=0, drop_last=True)) == 2
+
+
+def test_a_stream_is_shared_between_processes_ordered_by_the_seed_and_read_again_when_it_ends():
+    import datasets
+
+    texts = datasets.Dataset.from_dict({"text": [str(number) for number in range(20)]}).to_iterable_dataset(num_shards=4)
+    two_tokens = lambda batch: [[int(text), int(text)] for text in batch]  # noqa: E731
+    blocks = data.StreamedBlocks(texts, "text", two_tokens, block_size=4, num_blocks=16, shuffle_buffer_size=8)
+
+    def read(seed, process, batches=8):
+        plan = data.BatchPlan(num_examples=16, micro_batch_size=2, process_index=process, process_count=2)
+        return [batch["input_ids"][0, 0, ::2].tolist() for batch in itertools.islice(blocks.batches(plan, seed), batches)]
+
+    first, second = read(None, 0), read(None, 1)
+    one_pass = sorted(number for pair in first[:5] + second[:5] for number in pair)
+    assert one_pass == list(range(20))  # the two shares are disjoint and make up the stream
+    assert first[5:] == first[:3]  # 10 texts of its own are 5 blocks: then the next pass
+    assert read(1, 0) == read(1, 0) != read(2, 0)
+    plan = data.BatchPlan(num_examples=16, micro_batch_size=2)
+    whole = list(data.iterate_batches(blocks, plan, seed=1))
+    resumed = list(data.iterate_batches(blocks, plan, seed=1, start=6))
+    assert len(whole) == 8 and len(resumed) == 2 and whole[0]["input_ids"].shape == (1, 2, 4)
+    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(whole[6:], resumed))

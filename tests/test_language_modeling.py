@@ -95,3 +95,27 @@ def test_bfloat16_parameters_halve_the_state_and_still_train(tmp_path):
     parameters = sum(array.size for array in weights.values())
     state_bytes = read_results(output, "train")["train_state_bytes"]
     assert 6 * parameters <= state_bytes <= 6 * parameters + 64, (state_bytes, parameters)
+
+
+def streaming_command(output_dir, *extra):
+    return ["--model_name_or_path", str(MODELS / "tiny-gpt2"), "--train_file", str(DATA / "prose" / "train.txt"),
+            "--do_train", "--streaming", "--max_steps", "12", "--block_size", "32", "--shuffle_buffer_size", "64",
+            "--per_device_train_batch_size", "4", "--learning_rate", "3e-3", "--logging_steps", "1",
+            "--output_dir", str(output_dir), "--overwrite_output_dir", "--disable_tqdm", *extra]
+
+
+def test_streaming_trains_in_the_seed_order_and_resumes_at_its_step(tmp_path):
+    """--streaming: the same seed gives the same losses, another seed another order, and a run resumed
+    from its step-6 checkpoint logs the uninterrupted run's losses for steps 7-12."""
+    clm().main(streaming_command(tmp_path / "whole", "--save_steps", "6"))
+    whole = [record["train_loss"] for record in read_log(tmp_path / "whole") if "train_loss" in record]
+    assert len(whole) == 12 and whole[-1] < whole[0]
+    clm().main(streaming_command(tmp_path / "other-seed", "--seed", "7"))
+    other = [record["train_loss"] for record in read_log(tmp_path / "other-seed") if "train_loss" in record]
+    assert other != whole
+
+    step_6 = tmp_path / "whole" / "checkpoints" / "checkpoint_6"
+    clm().main(streaming_command(tmp_path / "whole", "--resume_from_checkpoint", str(step_6)))
+    again = [record["train_loss"] for record in read_log(tmp_path / "whole") if "train_loss" in record]
+    assert len(again) == 12
+    assert [round(loss, 5) for loss in again[6:]] == [round(loss, 5) for loss in whole[6:]]

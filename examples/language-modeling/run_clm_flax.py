@@ -13,6 +13,8 @@ eval_perplexity (and test_results.json with --do_predict).
         --do_train --do_eval --block_size 128
 
 Train from scratch with --model_type gpt2 (or --config_name) and --tokenizer_name.
+With --streaming (and --max_steps) the training data is read as a stream and
+tokenized as training goes, for corpora too large to prepare up front.
 
 Instruction data: JSON Lines (or CSV) with `prompt` and `completion` columns, or
 JSON Lines with a `messages` column (chat turns, rendered with the tokenizer's chat
@@ -42,6 +44,12 @@ class LanguageModelingDataArguments(TextDataArguments):
     """Data: text files (or a hub dataset) and the block length."""
 
     block_size: Optional[int] = arg(None, "Tokens per training block (default: the model's maximum, at most 1024).")
+    streaming: bool = arg(
+        False, "Read the training text as a stream (datasets' iterable datasets), tokenized as training goes, for "
+        "corpora too large to prepare on disk; needs --max_steps. Evaluation and test splits are read in full "
+        "(limit them with --max_eval_samples / --max_predict_samples)."
+    )
+    shuffle_buffer_size: int = arg(10_000, "With --streaming: texts in the buffer that shuffles the stream.")
     completion_only_loss: bool = arg(
         True, "Instruction data: loss on the completion (or assistant turn) tokens only; False: on every token."
     )
@@ -68,13 +76,15 @@ def main(argv=None):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     row_format = instructions.splits_format(splits)
 
-    def to_blocks(dataset):
+    def to_blocks(split, dataset):
+        if split == "train" and data_args.streaming:
+            return scripts.streamed_blocks(dataset, tokenizer, data_args, training_args, block_size)
         if row_format is not None:
             examples = instructions.examples(dataset, row_format, tokenizer, data_args.completion_only_loss)
             return data.ArrayRows(instructions.pack(examples, block_size, pad_id, data_args.packing))
         return data.TokenBlocks(scripts.token_stream(dataset, tokenizer, data_args, True), block_size, pad_id)
 
-    rows = {split: to_blocks(dataset) for split, dataset in splits.items()}
+    rows = {split: to_blocks(split, dataset) for split, dataset in splits.items()}
 
     from flax_finetune import losses
 

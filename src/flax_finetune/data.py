@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import logging
 import math
+import itertools
 import queue
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -57,8 +59,9 @@ def load_splits(
     dataset_config_name: Optional[str] = None,
     cache_dir: Optional[str] = None,
     trust_remote_code: bool = False,
+    streaming: bool = False,
 ):
-    """Load each split that has a file into a `datasets.Dataset`.
+    """Load each split that has a file into a `datasets.Dataset` (an `IterableDataset` with `streaming`).
 
     `files` maps a split name to (flag name, path or None), e.g.
     `{"train": ("train_file", args.train_file)}`; the flag name is used in
@@ -67,11 +70,13 @@ def load_splits(
     """
     import datasets
 
-    datasets.utils.logging.disable_progress_bar()
+    if not sys.stderr.isatty():  # bars for long preparation on a terminal; not in logs
+        datasets.utils.logging.disable_progress_bar()
     if dataset_name is not None:
         try:
             remote_code = {"trust_remote_code": True} if trust_remote_code else {}  # datasets 4 dropped scripts
-            loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, **remote_code)
+            loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir, streaming=streaming,
+                                           **remote_code)
         except Exception as error:  # hub, network and script errors all mean the same to the user
             raise InputError(f"--dataset_name {dataset_name}: cannot load it ({type(error).__name__}: {error})") from None
         return dict(loaded)
@@ -85,7 +90,7 @@ def load_splits(
             options["keep_linebreaks"] = keep_linebreaks
         try:
             splits[split] = datasets.load_dataset(
-                builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir, **options
+                builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir, streaming=streaming, **options
             )
         except Exception as error:  # malformed CSV/JSON, bad encoding: name the file, not the library frame
             cause = error.__cause__ or error.__context__ or error
@@ -94,7 +99,7 @@ def load_splits(
             if "corresponds to no data" in str(error):  # datasets' words for a file with a header and no rows
                 raise InputError(f"--{flag} {path}: the file holds no examples") from None
             raise InputError(f"--{flag} {path}: cannot read it as {builder} ({type(cause).__name__}: {cause})") from None
-        if len(splits[split]) == 0:
+        if not streaming and len(splits[split]) == 0:
             raise InputError(f"--{flag} {path}: the file holds no examples")
     return splits
 
@@ -121,7 +126,9 @@ def hold_out(dataset, percentage: int):
 
 
 def take_first(dataset, max_samples: Optional[int]):
-    """The first `max_samples` examples (all of them when None)."""
+    """The first `max_samples` examples (all of them when None), of a dataset or a stream."""
+    if max_samples is not None and not hasattr(dataset, "__len__"):
+        return dataset.take(max_samples)
     if max_samples is None or max_samples >= len(dataset):
         return dataset
     return dataset.select(range(max_samples))
@@ -293,6 +300,65 @@ class TokenBlocks:
         return columns
 
 
+class StreamedBlocks:
+    """Training blocks made from a stream of texts as training goes: tokenized, concatenated and cut
+    into `block_size` blocks, batch by batch, so nothing of the corpus is prepared up front.
+
+    `texts`: a `datasets.IterableDataset` with a `column` of texts; `tokenize(texts) -> token id
+    lists`. Its length is the blocks `num_steps` steps of `global_batch_size` take (a stream has no
+    length of its own); the stream starts again (its next epoch) when it ends first. The order is a
+    function of the seed (a buffer of `shuffle_buffer_size` texts shuffles the stream), each
+    process reads its own share of the stream (`datasets.distributed.split_dataset_by_node`), and
+    a resumed run reads and skips the batches before its step.
+    """
+
+    def __init__(self, texts, column: str, tokenize: Callable[[list], list], block_size: int, num_blocks: int,
+                 shuffle_buffer_size: int = 10_000, texts_per_call: int = 1000):
+        self.texts, self.column, self.tokenize = texts, column, tokenize
+        self.block_size, self.num_blocks = block_size, num_blocks
+        self.shuffle_buffer_size, self.texts_per_call = shuffle_buffer_size, texts_per_call
+
+    def __len__(self) -> int:
+        return self.num_blocks
+
+    def _share(self, seed: Optional[int], epoch: int, plan: "BatchPlan"):
+        from datasets.distributed import split_dataset_by_node
+
+        texts = self.texts if seed is None else self.texts.shuffle(seed=seed, buffer_size=self.shuffle_buffer_size)
+        texts = split_dataset_by_node(texts, rank=plan.process_index, world_size=plan.process_count)
+        texts.set_epoch(epoch)
+        return texts
+
+    def _blocks(self, seed: Optional[int], epoch: int, plan: "BatchPlan") -> Iterator[np.ndarray]:
+        """Full blocks of this process's share, pass after pass ([block_size] int32 each)."""
+        pending = np.zeros(0, np.int32)
+        for passes in itertools.count(epoch):
+            found = False
+            examples = iter(self._share(seed, passes, plan))
+            while batch := [example[self.column] for example in itertools.islice(examples, self.texts_per_call)]:
+                found = True
+                ids = self.tokenize([str(text) for text in batch])
+                pending = np.concatenate([pending, np.fromiter(itertools.chain.from_iterable(ids), np.int32)])
+                usable = len(pending) // self.block_size * self.block_size
+                yield from pending[:usable].reshape(-1, self.block_size)
+                pending = pending[usable:]
+            if not found:
+                raise InputError("the training stream holds no text")
+
+    def batches(self, plan: "BatchPlan", seed: Optional[int], epoch: int = 0, start: int = 0) -> Iterator[dict]:
+        """This process's part of each batch ([micro_batches, local batch, block_size] columns), from batch
+        `start` on (the batches before it are read and skipped)."""
+        local = plan.micro_batch_size // plan.process_count
+        shape = (plan.micro_batches, local, self.block_size)
+        blocks = self._blocks(seed, epoch, plan)
+        for number in itertools.count():
+            rows = list(itertools.islice(blocks, plan.micro_batches * local))
+            if number >= start:
+                input_ids = np.stack(rows).reshape(shape)
+                yield {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids),
+                       EXAMPLE_MASK: np.ones(shape[:2], np.float32)}
+
+
 def as_rows(dataset, columns: Sequence[str]) -> ArrayRows:
     """Tokenized `datasets.Dataset` columns (fixed length per row) as numpy rows."""
     table = dataset.with_format("numpy", columns=list(columns))[:]
@@ -363,6 +429,8 @@ def gather(rows: Rows, indices: np.ndarray, epoch: int = 0) -> dict[str, np.ndar
 
 def iterate_batches(rows: Rows, plan: BatchPlan, seed: Optional[int], epoch: int = 0, start: int = 0) -> Iterator[dict]:
     """This process's part of each batch of one epoch, from batch `start` on."""
+    if isinstance(rows, StreamedBlocks):
+        return prefetched(itertools.islice(rows.batches(plan, seed, epoch, start), plan.num_batches - start))
     order = plan.order(seed, epoch)
     return prefetched(gather(rows, plan.local(batch_indices), epoch) for batch_indices in order[start:])
 

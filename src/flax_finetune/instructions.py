@@ -59,7 +59,8 @@ def row_format(column_names: Sequence[str]) -> Optional[str]:
 
 def splits_format(splits: Mapping[str, Any]) -> Optional[str]:
     """The one row format (see `row_format`) of every split; an InputError when they differ."""
-    formats = {split: row_format(dataset.column_names) for split, dataset in splits.items()}
+    formats = {split: row_format(dataset.column_names) for split, dataset in splits.items()
+               if dataset.column_names is not None}  # a stream may not know its columns before it is read
     if len(set(formats.values())) > 1:
         found = ", ".join(f"{split}: {kind or 'text'}" for split, kind in formats.items())
         raise InputError(f"the data files have different formats ({found}): give every split the same columns")

@@ -82,6 +82,32 @@ def token_stream(dataset: Any, tokenizer: Any, data_args: Any, add_special_token
     return stream
 
 
+def in_full(stream: Any) -> Any:
+    """A `datasets.IterableDataset` read into a `datasets.Dataset` (for splits that are evaluated whole)."""
+    import datasets
+
+    return datasets.Dataset.from_list(list(stream))
+
+
+def streamed_blocks(stream: Any, tokenizer: Any, data_args: Any, training_args: Any, block_size: int) -> data.StreamedBlocks:
+    """--streaming training blocks of `block_size` tokens (the tokenizer's special tokens included), as
+    many as --max_steps steps take (see `data.StreamedBlocks`)."""
+    from flax_finetune.trainer import global_batch_size
+
+    first = next(iter(stream.take(1)), None)  # a stream's columns may be known only once it is read
+    if first is None:
+        raise InputError("the training stream holds no text")
+    if {"prompt", "completion", "messages"} & set(first):
+        raise InputError("--streaming reads plain text; instruction data (prompt / completion, messages) is read "
+                         "without --streaming")
+    column = "text" if "text" in first else next(iter(first))
+    return data.StreamedBlocks(
+        stream, column, lambda texts: tokenizer(texts, return_attention_mask=False)["input_ids"], block_size,
+        num_blocks=training_args.max_steps * global_batch_size(training_args),
+        shuffle_buffer_size=data_args.shuffle_buffer_size,
+    )
+
+
 def max_sequence_length(requested: Optional[int], tokenizer: Any, config: Any) -> int:
     """The sequence length to use: the request, capped by what the model can take (with a warning)."""
     limits = [tokenizer.model_max_length, getattr(config, "max_position_embeddings", None) or 10**9]
@@ -207,6 +233,9 @@ class Run:
         """
         validation_split_percentage = getattr(data_args, "validation_split_percentage", None)
         keep_linebreaks = getattr(data_args, "keep_linebreaks", True)
+        streaming = getattr(data_args, "streaming", False)
+        if streaming and self.args.do_train and self.args.max_steps <= 0:
+            raise InputError("--streaming needs --max_steps: a stream has no length to count epochs in")
         needed = {split for split, flag in SPLIT_FLAGS.items() if getattr(self.args, flag)}
         if not needed:
             raise InputError("nothing to do: give --do_train, --do_eval or --do_predict")
@@ -216,6 +245,8 @@ class Run:
             and data_args.validation_file is None
             and data_args.train_file is not None
         )
+        if held_out and streaming:
+            raise InputError("--streaming: give --validation_file (a stream has no percentage to hold out)")
         if held_out:
             needed = (needed - {"validation"}) | {"train"}
         if self.args.do_train and self.args.eval_steps and (data_args.validation_file or data_args.dataset_name):
@@ -235,6 +266,7 @@ class Run:
             dataset_config_name=data_args.dataset_config_name,
             cache_dir=self.model_args.cache_dir,
             trust_remote_code=self.model_args.trust_remote_code,
+            streaming=streaming,
         )
         if data_args.dataset_name is not None:
             names = {split: (hub_split_names or {}).get(split, split) for split in needed}
@@ -247,8 +279,11 @@ class Run:
         limits = {"train": data_args.max_train_samples, "validation": data_args.max_eval_samples,
                   "test": data_args.max_predict_samples}
         splits = {split: data.take_first(dataset, limits[split]) for split, dataset in splits.items()}
+        if streaming:  # evaluation needs every example: only training reads a stream
+            splits = {split: dataset if split == "train" else in_full(dataset) for split, dataset in splits.items()}
         self.data_sources = {
-            split: (data_args.files()[split][1] or f"{data_args.dataset_name} ({split})", len(dataset))
+            split: (data_args.files()[split][1] or f"{data_args.dataset_name} ({split})",
+                    len(dataset) if hasattr(dataset, "__len__") else "streamed")
             for split, dataset in splits.items()
         }
         return splits

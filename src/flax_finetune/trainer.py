@@ -32,10 +32,14 @@ EVAL_BATCHES_PER_CALL = 32
 ComputeMetrics = Callable[[Mapping[str, np.ndarray], str], Mapping[str, float]]
 
 
+def global_batch_size(args) -> int:
+    """Examples per optimizer step: per device x devices (of every process) x accumulation steps."""
+    return args.per_device_train_batch_size * jax.device_count() * args.gradient_accumulation_steps
+
+
 def training_steps(args, num_examples: int) -> tuple[int, int]:
     """(optimizer steps per epoch, total optimizer steps) of `num_examples` training examples."""
-    global_batch = args.per_device_train_batch_size * jax.device_count() * args.gradient_accumulation_steps
-    per_epoch = max(1, math.ceil(num_examples / global_batch))
+    per_epoch = max(1, math.ceil(num_examples / global_batch_size(args)))
     total = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * per_epoch)
     return per_epoch, total
 
