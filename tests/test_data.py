@@ -237,3 +237,18 @@ def test_a_stream_is_shared_between_processes_ordered_by_the_seed_and_read_again
     resumed = list(data.iterate_batches(blocks, plan, seed=1, start=6))
     assert len(whole) == 8 and len(resumed) == 2 and whole[0]["input_ids"].shape == (1, 2, 4)
     assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(whole[6:], resumed))
+
+
+def test_padded_rows_are_read_from_the_table_per_batch_as_the_in_memory_padding_made_them():
+    import datasets
+
+    split = datasets.Dataset.from_dict({
+        "input_ids": [[5, 6, 7], [8], list(range(1, 12))], "labels": [1, 0, 1], "score": [0.5, 1.5, 2.5],
+    }).select([2, 0, 1])  # a selection, as --max_train_samples makes
+    rows = data.PaddedRows(split, {"input_ids": 0}, length=None)
+    assert len(rows) == 3 and rows.widths == {"input_ids": 16}  # the longest row, 11, rounded up to 8
+    taken = rows.take(np.array([1, 0]))
+    assert taken["input_ids"].tolist() == [[5, 6, 7] + [0] * 13, list(range(1, 12)) + [0] * 5]
+    assert taken["labels"].tolist() == [1, 1] and taken["score"].tolist() == [0.5, 2.5]
+    assert data.PaddedRows(split, {"input_ids": -1}, length=2).take(np.array([0, 2]))["input_ids"].tolist() == [
+        [1, 2], [8, -1]]

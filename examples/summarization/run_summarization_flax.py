@@ -73,7 +73,7 @@ def main(argv=None):
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=(".csv", ".json", ".jsonl"))
 
-    from flax_finetune import rouge, seq2seq
+    from flax_finetune import data, rouge, seq2seq
 
     columns = next(iter(splits.values())).column_names
     text_column = pick_column(data_args.text_column, TEXT_COLUMNS, columns, 0)
@@ -105,13 +105,12 @@ def main(argv=None):
         return tokenize
 
     pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0, "labels": -100}
-    rows = {}
-    for split, dataset in splits.items():
-        split_rows = run.tokenize(dataset, tokenizer_for(split), pad_values, None, data_args)
-        split_rows.columns["decoder_input_ids"] = seq2seq.shift_right(
-            split_rows.columns["labels"], start_id, tokenizer.pad_token_id
-        )
-        rows[split] = split_rows
+
+    def with_decoder_inputs(columns, indices, epoch):
+        return {**columns, "decoder_input_ids": seq2seq.shift_right(columns["labels"], start_id, tokenizer.pad_token_id)}
+
+    rows = {split: data.MappedRows(run.tokenize(dataset, tokenizer_for(split), pad_values, None, data_args),
+                                   with_decoder_inputs) for split, dataset in splits.items()}
 
     import jax.numpy as jnp
 

@@ -300,6 +300,56 @@ class TokenBlocks:
         return columns
 
 
+class PaddedRows:
+    """Rows of a tokenized `datasets.Dataset`, read from its Arrow table when a batch takes them.
+
+    Sequence columns (those in `pad_values`) are right-padded with their pad value (and cut) to
+    `length`, or to the longest row of the split rounded up to a multiple of 8 (read from the
+    table's list lengths: no row is decoded for it); the other columns are as stored. The split
+    stays in the table (a memory-mapped cache file where `datasets.map` wrote one).
+    """
+
+    def __init__(self, dataset, pad_values: Mapping[str, int], length: Optional[int] = None):
+        import pyarrow.compute as pc
+
+        if getattr(dataset, "_indices", None) is not None:  # a selection of rows: write it out first
+            dataset = dataset.flatten_indices()
+        self.table = dataset.data.table
+        self.pad_values = pad_values
+        self.widths = {}
+        for name in self.table.column_names:
+            if name in pad_values:
+                longest = pc.max(pc.list_value_length(self.table.column(name))).as_py() or 1
+                self.widths[name] = length if length is not None else -(-longest // 8) * 8
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def take(self, indices: np.ndarray, epoch: int = 0) -> dict[str, np.ndarray]:
+        import pyarrow as pa
+
+        taken = self.table.take(pa.array(np.asarray(indices, np.int64)))
+        return {name: self._column(name, taken.column(name).combine_chunks()) for name in taken.column_names}
+
+    def _column(self, name: str, column) -> np.ndarray:
+        """One column of taken rows as numpy: [n, width] int32 for a sequence column, else [n, ...]."""
+        import pyarrow.compute as pc
+
+        if name not in self.widths:
+            try:
+                return column.to_numpy(zero_copy_only=False)
+            except (NotImplementedError, TypeError):  # nested values: as the lists they are
+                return np.asarray(column.to_pylist())
+        width = self.widths[name]
+        lengths = np.minimum(pc.list_value_length(column).to_numpy(zero_copy_only=False), width)
+        starts = column.offsets.to_numpy()[:-1] - column.offsets[0].as_py()
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        padded = np.full((len(column), width), self.pad_values[name], np.int32)
+        for row, (start, count) in enumerate(zip(starts, lengths)):
+            padded[row, :count] = values[start : start + count]
+        return padded
+
+
 class StreamedBlocks:
     """Training blocks made from a stream of texts as training goes: tokenized, concatenated and cut
     into `block_size` blocks, batch by batch, so nothing of the corpus is prepared up front.

@@ -147,26 +147,11 @@ def require_known_labels(splits: Mapping[str, Any], column: str, known: set, nes
             raise InputError(f"the {split} file has labels not seen in training: {', '.join(map(str, unknown[:10]))}")
 
 
-def pad_rows(dataset: Any, pad_values: Mapping[str, int], length: Optional[int]) -> data.ArrayRows:
-    """Tokenized columns of a `datasets.Dataset` -> fixed-length numpy rows.
-
-    Sequence columns (those in `pad_values`) are right-padded with their pad
-    value to `length`, or to the longest row rounded up to a multiple of 8
-    when `length` is None. Other columns are kept as they are.
-    """
-    columns = {}
-    for name in dataset.column_names:
-        values = dataset[name]
-        if name not in pad_values:
-            columns[name] = np.asarray(values)
-            continue
-        longest = max((len(row) for row in values), default=1)
-        width = length if length is not None else -(-longest // 8) * 8
-        array = np.full((len(values), width), pad_values[name], dtype=np.int32)
-        for index, row in enumerate(values):
-            array[index, : min(len(row), width)] = row[:width]
-        columns[name] = array
-    return data.ArrayRows(columns)
+def pad_rows(dataset: Any, pad_values: Mapping[str, int], length: Optional[int]) -> data.PaddedRows:
+    """Tokenized columns of a `datasets.Dataset` as fixed-length rows, read per batch (`data.PaddedRows`):
+    sequence columns (those in `pad_values`) right-padded to `length`, or to the longest row rounded up
+    to a multiple of 8 when `length` is None."""
+    return data.PaddedRows(dataset, pad_values, length)
 
 
 def check_training_plan(training_args: Any) -> None:
@@ -337,7 +322,7 @@ class Run:
         pad_values: Mapping[str, int],
         length: Optional[int],
         data_args: Any,
-    ) -> data.ArrayRows:
+    ) -> data.PaddedRows:
         """Map `function` over batches of `dataset` (dropping the raw columns), then pad to fixed length."""
         mapped = dataset.map(function, batched=True, remove_columns=dataset.column_names, **data_args.map_options)
         return pad_rows(mapped, pad_values, length)
