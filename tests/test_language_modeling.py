@@ -115,7 +115,9 @@ def test_streaming_trains_in_the_seed_order_and_resumes_at_its_step(tmp_path):
     assert other != whole
 
     step_6 = tmp_path / "whole" / "checkpoints" / "checkpoint_6"
-    clm().main(streaming_command(tmp_path / "whole", "--resume_from_checkpoint", str(step_6)))
+    # jaxlib 0.4.26 can crash running a resumed step read back from the persistent cache
+    clm().main(streaming_command(tmp_path / "whole", "--resume_from_checkpoint", str(step_6),
+                                 "--compilation_cache_dir", "none"))
     again = [record["train_loss"] for record in read_log(tmp_path / "whole") if "train_loss" in record]
     assert len(again) == 12
     assert [round(loss, 5) for loss in again[6:]] == [round(loss, 5) for loss in whole[6:]]

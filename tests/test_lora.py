@@ -193,7 +193,9 @@ def test_clm_script_trains_saves_and_resumes_a_peft_adapter(tmp_path, llama):
     np.testing.assert_allclose(delta, (16 / 8) * (b @ a).T, atol=1e-6)
 
     resumed = tmp_path / "resumed"
-    script.main(clm_lora(resumed, "--resume_from_checkpoint", str(first / "checkpoints" / "checkpoint_12")))
+    # jaxlib 0.4.26 can crash running a resumed step read back from the persistent cache
+    script.main(clm_lora(resumed, "--resume_from_checkpoint", str(first / "checkpoints" / "checkpoint_12"),
+                         "--compilation_cache_dir", "none"))
     assert not (resumed / "model.safetensors").exists()
     again = load_file(resumed / "adapter_model.safetensors")
     for key, value in adapter.items():
