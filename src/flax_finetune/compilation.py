@@ -3,7 +3,8 @@
 Where it lives, first match wins: `--compilation_cache_dir PATH`; `$JAX_COMPILATION_CACHE_DIR`;
 `$XDG_CACHE_HOME/flax-finetune/jax`; else the platform's user cache folder (`~/.cache` on Linux,
 `~/Library/Caches` on macOS, `%LOCALAPPDATA%` on Windows) + `flax-finetune/jax`.
-`--compilation_cache_dir none` (or an empty value) turns it off.
+`--compilation_cache_dir none` (or an empty value) turns it off; below jax 0.9 a resumed run runs
+without it (`safe_when_resuming`).
 
 Which programs are cached: those slower to compile than `min_compile_seconds(jax version)`, unless
 `$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` says otherwise. The cache is trusted code: keep it in a
@@ -58,12 +59,24 @@ def min_compile_seconds(jax_version: str) -> float:
     return 0.0 if (major, minor) >= (0, 9) else 0.5
 
 
-def enable(requested: Optional[str]) -> Optional[Path]:
+def safe_when_resuming(jax_version: str) -> bool:
+    """Whether a resumed run may read its programs from the cache: jaxlib 0.4.26 on CPU segfaulted
+    running a resumed train step read back from it (a LoRA and an fsdp step, in the tf440 cell)."""
+    major, minor = (int(part) for part in jax_version.split(".")[:2])
+    return (major, minor) >= (0, 9)
+
+
+def enable(requested: Optional[str], resuming: bool = False) -> Optional[Path]:
     """Point JAX's persistent compilation cache at `cache_directory(requested)` (or turn it off), and
-    log where it is. Call before the first compilation of the process: JAX settles its cache then."""
+    log where it is. Call before the first compilation of the process: JAX settles its cache then.
+    `resuming`: the run resumes from a checkpoint (the cache stays off where that is not safe)."""
     import jax
 
     directory = cache_directory(requested)
+    if directory is not None and resuming and not safe_when_resuming(jax.__version__):
+        logger.info("compilation cache: off for a resumed run on jax %s (it can crash running cached steps)",
+                    jax.__version__)
+        directory = None
     if directory is None:
         jax.config.update("jax_enable_compilation_cache", False)
         logger.info("compilation cache: off")
