@@ -210,3 +210,25 @@ def test_fine_tuning_learns_the_lookup_on_completion_tokens(tmp_path):
                                starting=read_results(tmp_path / "start"), trained=read_results(tmp_path / "trained"))
     losses = [record["train_loss"] for record in read_log(tmp_path / "trained") if "train_loss" in record]
     assert losses[-1] < 0.2 * losses[0], losses
+
+
+def test_packed_rows_read_from_the_tokenized_table_equal_the_packing_in_memory():
+    import datasets
+
+    from flax_finetune import instructions
+
+    examples = [(np.arange(1, 4, dtype=np.int32), np.array([0, 1, 1], np.int32)),
+                (np.zeros(0, np.int32), np.zeros(0, np.int32)),  # empty: dropped
+                (np.arange(10, 20, dtype=np.int32), np.ones(10, np.int32)),  # longer than a block: cut
+                (np.arange(30, 32, dtype=np.int32), np.array([1, 1], np.int32)),
+                (np.arange(40, 43, dtype=np.int32), np.array([0, 0, 1], np.int32))]
+    table = datasets.Dataset.from_dict({"input_ids": [ids.tolist() for ids, _ in examples],
+                                        "loss_mask": [mask.tolist() for _, mask in examples]})
+    for packing in (True, False):
+        expected = instructions.pack(examples, block_size=8, pad_id=99, packing=packing)
+        rows = instructions.PackedRows(table, block_size=8, pad_id=99, packing=packing)
+        assert len(rows) == len(expected["input_ids"])
+        order = np.arange(len(rows))[::-1]
+        taken = rows.take(order)
+        for name, column in expected.items():
+            np.testing.assert_array_equal(taken[name], column[order], err_msg=f"{name}, packing {packing}")

@@ -80,8 +80,9 @@ def main(argv=None):
         if split == "train" and data_args.streaming:
             return scripts.streamed_blocks(dataset, tokenizer, data_args, training_args, block_size)
         if row_format is not None:
-            examples = instructions.examples(dataset, row_format, tokenizer, data_args.completion_only_loss)
-            return data.ArrayRows(instructions.pack(examples, block_size, pad_id, data_args.packing))
+            tokenized = instructions.tokenized_split(dataset, row_format, tokenizer, data_args.completion_only_loss,
+                                                     data_args)
+            return instructions.PackedRows(tokenized, block_size, pad_id, data_args.packing)
         return data.TokenBlocks(scripts.token_stream(dataset, tokenizer, data_args, True), block_size, pad_id)
 
     rows = {split: to_blocks(split, dataset) for split, dataset in splits.items()}

@@ -68,8 +68,8 @@ def splits_format(splits: Mapping[str, Any]) -> Optional[str]:
 
 
 def examples(dataset: Any, kind: str, tokenizer: Any, completion_only_loss: bool) -> list[Example]:
-    """Tokenized examples of a split in format `kind`, each with its loss mask (with
-    `completion_only_loss` False every token of the example is a target)."""
+    """Tokenized examples of a split (or of a batch of its rows) in format `kind`, each with its loss
+    mask (with `completion_only_loss` False every token of the example is a target)."""
     if kind == PROMPT_COMPLETION:
         tokenized = prompt_completion_examples(dataset["prompt"], dataset["completion"], tokenizer)
     else:
@@ -77,6 +77,20 @@ def examples(dataset: Any, kind: str, tokenizer: Any, completion_only_loss: bool
     if not completion_only_loss:
         tokenized = [(ids, np.ones_like(mask)) for ids, mask in tokenized]
     return tokenized
+
+
+def tokenized_split(dataset: Any, kind: str, tokenizer: Any, completion_only_loss: bool, data_args: Any):
+    """`examples` of a `datasets.Dataset` written by `datasets.map` into its Arrow cache (input_ids and
+    loss_mask columns; --preprocessing_num_workers, reused by a rerun with the same inputs)."""
+    import datasets
+
+    def tokenize(batch):
+        tokenized = examples(batch, kind, tokenizer, completion_only_loss)
+        return {"input_ids": [ids for ids, _ in tokenized], "loss_mask": [mask for _, mask in tokenized]}
+
+    ids = datasets.Sequence(datasets.Value("int32"))
+    return dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenizing",
+                       features=datasets.Features({"input_ids": ids, "loss_mask": ids}), **data_args.map_options)
 
 
 def prompt_completion_examples(prompts: Sequence[str], completions: Sequence[str], tokenizer: Any) -> list[Example]:
@@ -139,29 +153,30 @@ def assistant_spans(messages: Any, tokenizer: Any, row: int) -> tuple[str, list[
     return text, spans
 
 
-def pack(tokenized: Sequence[Example], block_size: int, pad_id: int, packing: bool = True) -> dict[str, np.ndarray]:
-    """Examples -> rows of `block_size` tokens, greedily in order (one example per row without `packing`).
-
-    Returns input_ids, attention_mask (1 = token), segment_ids (1, 2, ... per example, 0 =
-    padding), position_ids (0, 1, ... per example) and loss_mask (1 = target), each
-    [rows, block_size] int32. An example longer than a row is cut to it (logged); empty ones are
-    dropped; an example's first token is never a target (nothing before it in its example).
-    """
-    tokenized = [(ids, mask) for ids, mask in tokenized if len(ids)]
-    cut = sum(len(ids) > block_size for ids, _ in tokenized)
-    if cut:
-        logger.info("%d of %d examples are longer than --block_size %d: cut to it", cut, len(tokenized), block_size)
-    lengths = np.asarray([min(len(ids), block_size) for ids, _ in tokenized], np.int64)
-    rows, offsets, segments = (np.zeros(len(lengths), np.int64) for _ in range(3))  # per example
+def packing_plan(lengths: np.ndarray, block_size: int, packing: bool = True) -> tuple[np.ndarray, ...]:
+    """(row, offset in the row, segment number) of each example of `lengths` tokens (cut to
+    `block_size`), placed greedily in order: a new row when the next one does not fit (each
+    example in a row of its own without `packing`). Each [examples] int64."""
+    lengths = np.minimum(lengths, block_size)
+    rows, offsets, segments = (np.zeros(len(lengths), np.int64) for _ in range(3))
     row, filled, segment = 0, 0, 0
-    for index, length in enumerate(lengths):  # a loop over examples; the tokens are placed below in bulk
+    for index, length in enumerate(lengths):  # a loop over examples; tokens are placed in bulk
         if index and (not packing or filled + length > block_size):
             row, filled, segment = row + 1, 0, 0
         rows[index], offsets[index], segments[index] = row, filled, segment + 1
         filled, segment = filled + length, segment + 1
+    return rows, offsets, segments
+
+
+def place(tokenized: Sequence[Example], rows: np.ndarray, offsets: np.ndarray, segments: np.ndarray,
+          num_rows: int, block_size: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Examples placed at their (row, offset, segment) of `packing_plan`: input_ids, attention_mask
+    (1 = token), segment_ids (1, 2, ... per example, 0 = padding), position_ids (0, 1, ... per
+    example) and loss_mask (1 = target; never an example's first token), each [num_rows, block_size]
+    int32."""
+    lengths = np.asarray([min(len(ids), block_size) for ids, _ in tokenized], np.int64)
     within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)  # [N] place in its example
     slots = np.repeat(rows * block_size + offsets, lengths) + within  # [N] flat slot of every kept token
-    num_rows = row + 1
     columns = {name: np.zeros(num_rows * block_size, np.int32)
                for name in ("input_ids", "attention_mask", "segment_ids", "position_ids", "loss_mask")}
     columns["input_ids"][:] = pad_id
@@ -172,3 +187,53 @@ def pack(tokenized: Sequence[Example], block_size: int, pad_id: int, packing: bo
         columns["segment_ids"][slots] = np.repeat(segments, lengths)
         columns["position_ids"][slots] = within
     return {name: column.reshape(num_rows, block_size) for name, column in columns.items()}
+
+
+def pack(tokenized: Sequence[Example], block_size: int, pad_id: int, packing: bool = True) -> dict[str, np.ndarray]:
+    """Examples -> rows of `block_size` tokens, greedily in order (one example per row without `packing`):
+    the columns of `place`. An example longer than a row is cut to it (logged); empty ones are dropped."""
+    tokenized = [(ids, mask) for ids, mask in tokenized if len(ids)]
+    lengths = np.asarray([len(ids) for ids, _ in tokenized], np.int64)
+    log_cut(lengths, block_size)
+    rows, offsets, segments = packing_plan(lengths, block_size, packing)
+    return place(tokenized, rows, offsets, segments, int(rows[-1]) + 1 if len(rows) else 1, block_size, pad_id)
+
+
+def log_cut(lengths: np.ndarray, block_size: int) -> None:
+    cut = int((lengths > block_size).sum())
+    if cut:
+        logger.info("%d of %d examples are longer than --block_size %d: cut to it", cut, len(lengths), block_size)
+
+
+class PackedRows:
+    """The packed rows of `pack`, made when a batch takes them from a tokenized split's Arrow table
+    (`tokenized_split`): only the packing plan (three integers an example) is held in memory."""
+
+    def __init__(self, tokenized: Any, block_size: int, pad_id: int, packing: bool = True):
+        import pyarrow.compute as pc
+
+        if getattr(tokenized, "_indices", None) is not None:
+            tokenized = tokenized.flatten_indices()
+        self.table = tokenized.data.table
+        lengths = pc.list_value_length(self.table.column("input_ids")).to_numpy(zero_copy_only=False)
+        self.examples = np.flatnonzero(lengths > 0)  # empty examples are dropped
+        log_cut(lengths[self.examples], block_size)
+        self.rows, self.offsets, self.segments = packing_plan(lengths[self.examples], block_size, packing)
+        self.block_size, self.pad_id = block_size, pad_id
+        self.length = int(self.rows[-1]) + 1 if len(self.rows) else 1
+
+    def __len__(self) -> int:
+        return self.length
+
+    def take(self, indices: np.ndarray, epoch: int = 0) -> dict[str, np.ndarray]:
+        import pyarrow as pa
+
+        wanted = np.asarray(indices, np.int64)
+        first, last = np.searchsorted(self.rows, wanted, "left"), np.searchsorted(self.rows, wanted, "right")
+        chosen = np.concatenate([np.arange(a, b) for a, b in zip(first, last)]).astype(np.int64)  # plan entries
+        taken = self.table.take(pa.array(self.examples[chosen]))
+        ids, masks = (taken.column(name).to_pylist() for name in ("input_ids", "loss_mask"))
+        tokenized = [(np.asarray(i, np.int32), np.asarray(m, np.int32)) for i, m in zip(ids, masks)]
+        rows = np.repeat(np.arange(len(wanted)), last - first)  # each example's row among the taken ones
+        return place(tokenized, rows, self.offsets[chosen], self.segments[chosen], len(wanted), self.block_size,
+                     self.pad_id)
