@@ -18,7 +18,11 @@ memory (the wrapper's RUSAGE_CHILDREN ru_maxrss) is that run's alone. RSS counts
 memory-mapped files (datasets' Arrow caches) that the process has touched, besides its own memory.
 --scripts runs another checkout's examples/ folder (for before-and-after figures: `git worktree
 add /tmp/before <commit>` and --scripts /tmp/before/examples; that checkout's own src/ is used).
-Written to --output: data_scale.json and data_scale.md (also printed).
+Per run: wall time, peak RSS, seconds outside the training loop (start-up, preparing the data,
+saving), the first step, the steps, the share of the loop spent waiting for input batches, and
+for text the tokenization throughput the script logs. The speech case first measures the
+feature extraction alone: clips per second with each --workers count of threads.
+Written to --output: data_scale_<case>.json and data_scale_<case>.md (also printed).
 """
 
 from __future__ import annotations
@@ -26,12 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -39,6 +45,8 @@ SCRIPTS = {
     "speech": "speech-recognition/run_flax_speech_recognition_seq2seq.py",
     "clm": "language-modeling/run_clm_flax.py",
 }
+# The scripts' log line for a tokenized split (flax_finetune.scripts.token_stream).
+TOKENIZED = re.compile(r"tokenized (?P<texts>\d+) texts into (?P<tokens>\d+) tokens in (?P<seconds>[\d.]+) s")
 # Runs `argv[1:]` and prints its peak resident memory in kB (Linux ru_maxrss) as the last line.
 MEASURED = (
     "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
@@ -79,6 +87,27 @@ def make_whisper_30s(folder: Path) -> Path:
     features.update(feature_size=80, chunk_length=30, n_samples=480000, nb_max_frames=3000)
     (target / "preprocessor_config.json").write_text(json.dumps(features, indent=1))
     return target
+
+
+def feature_throughput(model: Path, data_file: Path, workers: int, clips: int = 200) -> float:
+    """Clips per second that the speech script's feature extraction (decode, resample, log-mel on
+    `workers` threads, `data.ComputedRows`) turns out over the first `clips` clips of `data_file`."""
+    sys.path.insert(0, str(ROOT / "src"))
+    from flax_finetune import audio, data, models
+
+    extractor = models.load_feature_extractor(str(model))
+    names = [line.split(",", 1)[0] for line in data_file.read_text().splitlines()[1 : clips + 1]]
+
+    def features(row: int):
+        samples, rate = audio.read(names[row], data_file.parent)
+        return extractor(audio.resample(samples, rate, extractor.sampling_rate),
+                         sampling_rate=extractor.sampling_rate)["input_features"][0]
+
+    rows = data.ComputedRows({"row": np.arange(len(names))}, "input_features", features, workers, cache_bytes=0)
+    started = time.perf_counter()
+    for batch in np.arange(len(names)).reshape(-1, 8):
+        rows.take(batch)
+    return len(names) / (time.perf_counter() - started)
 
 
 def make_text(folder: Path, megabytes: float) -> Path:
@@ -125,6 +154,7 @@ def run(case: str, scripts: Path, data_file: Path, workers: int, max_steps: int,
         if done.returncode:
             raise SystemExit(f"{case} failed:\n{done.stderr[-3000:]}")
         results = json.loads((output / "train_results.json").read_text())
+    tokenized = TOKENIZED.search(done.stderr)  # the training split's line comes first
     return {
         "workers": workers,
         "wall_seconds": round(wall, 2),
@@ -132,6 +162,9 @@ def run(case: str, scripts: Path, data_file: Path, workers: int, max_steps: int,
         "train_runtime_seconds": round(results["train_runtime"], 2),  # the steps, the first one included
         "first_step_seconds": round(results["train_first_step_seconds"], 2),
         "outside_training_seconds": round(wall - results["train_runtime"], 2),
+        "tokenize_seconds": float(tokenized["seconds"]) if tokenized else None,
+        "tokens_per_second": round(int(tokenized["tokens"]) / max(float(tokenized["seconds"]), 1e-9))
+        if tokenized else None,
         "input_wait_fraction": round(results.get("train_input_wait_fraction", float("nan")), 3),
     }
 
@@ -156,6 +189,11 @@ def main(argv=None) -> None:
             data_file, size = make_text(Path(scratch), args.megabytes), f"{args.megabytes:g} MB of text"
         print(f"generated {size} in {time.perf_counter() - started:.1f} s; load average {os.getloadavg()[0]:.1f}",
               flush=True)
+        extraction = {}
+        if args.case == "speech":
+            extraction = {workers: round(feature_throughput(Path(scratch) / "whisper-30s", data_file, workers), 1)
+                          for workers in args.workers}
+            print(f"feature extraction, clips/s by threads: {extraction}", flush=True)
         runs = []
         for workers in args.workers:  # each cold: fresh datasets and compilation caches
             caches = Path(scratch) / f"caches-{workers}"
@@ -164,21 +202,24 @@ def main(argv=None) -> None:
             print(json.dumps(runs[-1]), flush=True)
         # the last command again, reading what the cold run cached
         runs.append({"caches": "warm", **run(args.case, args.scripts.resolve(), data_file, args.workers[-1],
-                                             args.max_steps, caches)})
+                                             args.max_steps, caches), "tokens_per_second": None})  # read back
         print(json.dumps(runs[-1]), flush=True)
 
     header = ["caches", "workers", "wall s", "peak RSS MB", "outside training s", "first step s", f"{args.max_steps} steps s",
-              "input wait"]
+              "input wait", "tokens/s"]
     table = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     table += [f"| {r['caches']} | {r['workers']} | {r['wall_seconds']} | {r['peak_rss_mb']} | {r['outside_training_seconds']} | "
-              f"{r['first_step_seconds']} | {r['train_runtime_seconds']} | {r['input_wait_fraction']} |" for r in runs]
+              f"{r['first_step_seconds']} | {r['train_runtime_seconds']} | {r['input_wait_fraction']} | "
+              f"{r['tokens_per_second'] or '-'} |" for r in runs]
     text = (f"{args.case}, {size}, scripts from {args.scripts}, load average {os.getloadavg()[0]:.1f}\n\n"
-            + "\n".join(table) + "\n")
+            + "\n".join(table) + "\n"
+            + (f"\nfeature extraction, clips/s by threads: {extraction}\n" if extraction else ""))
     print(text)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / f"data_scale_{args.case}.md").write_text(text)
     (args.output / f"data_scale_{args.case}.json").write_text(json.dumps(
-        {"case": args.case, "size": size, "scripts": str(args.scripts), "runs": runs}, indent=1))
+        {"case": args.case, "size": size, "scripts": str(args.scripts), "runs": runs,
+         "feature_clips_per_second": extraction}, indent=1))
 
 
 if __name__ == "__main__":

@@ -175,11 +175,12 @@ def run_process(argv: list[str], folder: Path) -> dict:
     return run
 
 
-def first_step_seconds(output_dir: Path) -> Optional[float]:
+def train_result(output_dir: Path, name: str) -> Optional[float]:
+    """`train_<name>` of the run's train_results.json (None without one)."""
     results = output_dir / "train_results.json"
     if not results.exists():
         return None
-    return json.loads(results.read_text()).get("train_first_step_seconds")
+    return json.loads(results.read_text()).get(f"train_{name}")
 
 
 def cached_programs(cache: Path) -> int:
@@ -195,7 +196,8 @@ def run_native(name: str, kind: str, cache: Path, work: Path, python: str) -> di
     arguments = with_value(spec.arguments, "--output_dir", str(folder / "output"))
     arguments = with_value(tuple(arguments), "--compilation_cache_dir", str(cache))
     run = run_process([python, str(ROOT / "examples" / spec.script), *arguments], folder)
-    run["first_step_seconds"] = first_step_seconds(folder / "output")
+    run["first_step_seconds"] = train_result(folder / "output", "first_step_seconds")
+    run["input_wait_fraction"] = train_result(folder / "output", "input_wait_fraction")
     if kind == "cold":
         run["cached_programs"] = cached_programs(cache)
     return run
@@ -286,7 +288,7 @@ def markdown_report(report: dict) -> str:
             verdict(result["first_step_speedup"], FIRST_STEP_SPEEDUP_TARGET, at_least=True),
             wall(original), number(result["warm_over_original"], 2),
             verdict(result["warm_over_original"], ORIGINAL_WALL_TARGET, at_least=False),
-            f"{rss(cold)} / {rss(warm)} / {rss(original)}",
+            f"{rss(cold)} / {rss(warm)} / {rss(original)}", number(warm.get("input_wait_fraction"), 3),
         ])
     notes = [f"- {result['name']} {kind}: {run['status']}: {run.get('reason', '')}".replace("\n", " ")
              for result in report["results"] for kind in ("cold", "warm", "original")
@@ -303,7 +305,7 @@ def markdown_report(report: dict) -> str:
         markdown_table(
             ["command", "cold wall s", "cold first step s", "programs cached", "warm wall s", "warm first step s",
              "first step sooner", f">= {FIRST_STEP_SPEEDUP_TARGET:g}x", "original wall s", "warm / original",
-             "<= 1/3", "peak RSS MiB cold / warm / original"],
+             "<= 1/3", "peak RSS MiB cold / warm / original", "warm input wait"],
             rows,
         ),
         "## Notes",
@@ -313,6 +315,8 @@ def markdown_report(report: dict) -> str:
             f"({report['original'] or 'not run'}).",
             "- first step: `train_first_step_seconds` of train_results.json, from entering the training loop "
             "to the first step's result (compilation included). wall: the whole process, start-up included.",
+            "- input wait: the share of the training loop's time spent waiting for the next batch "
+            "(`train_input_wait_fraction`).",
         ]),
     ]
     return "\n\n".join(parts) + "\n"

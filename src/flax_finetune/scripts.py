@@ -77,7 +77,7 @@ def token_stream(dataset: Any, tokenizer: Any, data_args: Any, add_special_token
     )
     stream = data.TokenStream(tokenized)
     seconds = time.perf_counter() - started
-    logger.info("tokenized %d texts into %d tokens in %.1f s (%.0f tokens/s, %s)", len(dataset), len(stream), seconds,
+    logger.info("tokenized %d texts into %d tokens in %.2f s (%.0f tokens/s, %s)", len(dataset), len(stream), seconds,
                 len(stream) / max(seconds, 1e-9), f"{data_args.preprocessing_num_workers or 1} processes")
     return stream
 
