@@ -68,7 +68,8 @@ def test_the_matrix_spans_old_and_new(noxfile):
 
 
 def test_every_program_is_cached_only_where_the_cache_is_safe(noxfile):
-    assert noxfile.cache_threshold("0.4.26") == "0.5"  # jaxlib 0.4.26 segfaults on some small cached programs
+    assert noxfile.cache_threshold("0.4.26") == "inf"  # jaxlib 0.4.26 runs some cached programs wrongly
+    assert noxfile.cache_threshold("0.6.2") == "0.5"
     assert noxfile.cache_threshold("0.9.2") == noxfile.cache_threshold("0.12.0") == "0"
 
 

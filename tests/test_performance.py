@@ -116,12 +116,9 @@ def test_the_compilation_cache_folder_is_the_flag_else_the_variable_else_the_use
 
 
 def test_programs_are_cached_from_a_compile_time_safe_for_the_jax_version():
-    """jaxlib 0.4.26 on CPU segfaults running some small programs read back from the cache."""
+    """jaxlib 0.4.26 on CPU ran cached programs wrongly (crashes, other numbers): nothing is cached there."""
     assert [compilation.min_compile_seconds(version) for version in ("0.4.26", "0.6.2", "0.9.2", "0.12.0.1")] == [
-        0.5, 0.5, 0.0, 0.0]
-    # and a resumed run (its train step crashed, read back from the cache) runs without it there
-    assert [compilation.safe_when_resuming(version) for version in ("0.4.26", "0.6.2", "0.9.2", "0.12.0.1")] == [
-        False, False, True, True]
+        math.inf, 0.5, 0.0, 0.0]
 
 
 ENABLE_THEN_COMPILE = """

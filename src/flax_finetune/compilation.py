@@ -3,8 +3,7 @@
 Where it lives, first match wins: `--compilation_cache_dir PATH`; `$JAX_COMPILATION_CACHE_DIR`;
 `$XDG_CACHE_HOME/flax-finetune/jax`; else the platform's user cache folder (`~/.cache` on Linux,
 `~/Library/Caches` on macOS, `%LOCALAPPDATA%` on Windows) + `flax-finetune/jax`.
-`--compilation_cache_dir none` (or an empty value) turns it off; below jax 0.9 a resumed run runs
-without it (`safe_when_resuming`).
+`--compilation_cache_dir none` (or an empty value) turns it off; on jax 0.4 it is off.
 
 Which programs are cached: those slower to compile than `min_compile_seconds(jax version)`, unless
 `$JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` says otherwise. The cache is trusted code: keep it in a
@@ -14,6 +13,7 @@ folder only you can write to.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -52,30 +52,26 @@ def cache_directory(requested: Optional[str], environ: Mapping[str, str] = os.en
 def min_compile_seconds(jax_version: str) -> float:
     """The compile time from which a program is cached: every program where that is safe.
 
-    jaxlib 0.4.26 on CPU segfaults running some small programs read back from the cache (a resumed
-    train step), so below jax 0.9 only programs slower than 0.5 s to compile are cached.
+    jax 0.4 (jaxlib 0.4.26 on CPU) runs some programs read back from the cache wrongly: a LoRA
+    train step read back crashed (segfault, abort) or computed other numbers than the same step
+    compiled afresh, in the tf440 and minimums cells. So nothing is cached there (infinity). Below
+    jax 0.9 only programs slower than 0.5 s to compile are cached.
     """
     major, minor = (int(part) for part in jax_version.split(".")[:2])
+    if (major, minor) < (0, 5):
+        return math.inf
     return 0.0 if (major, minor) >= (0, 9) else 0.5
 
 
-def safe_when_resuming(jax_version: str) -> bool:
-    """Whether a resumed run may read its programs from the cache: jaxlib 0.4.26 on CPU segfaulted
-    running a resumed train step read back from it (a LoRA and an fsdp step, in the tf440 cell)."""
-    major, minor = (int(part) for part in jax_version.split(".")[:2])
-    return (major, minor) >= (0, 9)
-
-
-def enable(requested: Optional[str], resuming: bool = False) -> Optional[Path]:
+def enable(requested: Optional[str]) -> Optional[Path]:
     """Point JAX's persistent compilation cache at `cache_directory(requested)` (or turn it off), and
-    log where it is. Call before the first compilation of the process: JAX settles its cache then.
-    `resuming`: the run resumes from a checkpoint (the cache stays off where that is not safe)."""
+    log where it is. Call before the first compilation of the process: JAX settles its cache then."""
     import jax
 
     directory = cache_directory(requested)
-    if directory is not None and resuming and not safe_when_resuming(jax.__version__):
-        logger.info("compilation cache: off for a resumed run on jax %s (it can crash running cached steps)",
-                    jax.__version__)
+    if directory is not None and THRESHOLD_VARIABLE not in os.environ and math.isinf(
+            min_compile_seconds(jax.__version__)):
+        logger.info("compilation cache: off on jax %s (it runs some cached programs wrongly)", jax.__version__)
         directory = None
     if directory is None:
         jax.config.update("jax_enable_compilation_cache", False)

@@ -334,7 +334,7 @@ class Run:
         """
         from flax_finetune import compilation, models
 
-        compilation.enable(self.args.compilation_cache_dir, resuming=bool(self.args.resume_from_checkpoint))
+        compilation.enable(self.args.compilation_cache_dir)
         self.task = task
         if model_args.model_name_or_path:
             model = models.load(
