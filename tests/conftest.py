@@ -122,16 +122,19 @@ def pytest_configure(config):
             )
 
 
+def load_module(path: Path, name: str):
+    """Import the file at `path` as module `name` (scripts, benchmarks and the noxfile are no package);
+    registered in sys.modules first, where dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_script(relative_path: str):
-    """Import examples/<relative_path> as a module (scripts are not a package)."""
+    """Import examples/<relative_path> as a module, once."""
     path = EXAMPLES / relative_path
-    name = path.stem
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return sys.modules.get(path.stem) or load_module(path, path.stem)
 
 
 def read_results(output_dir: Path, split: str = "eval") -> dict:

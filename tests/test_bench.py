@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -13,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_module
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 POSITIVE_FIELDS = ("compile_seconds", "time_to_first_step_seconds", "timed_seconds", "step_ms",
                    "examples_per_second", "tokens_per_second", "peak_rss_mib", "param_count", "analytic_flops_per_step")
@@ -20,11 +21,7 @@ POSITIVE_FIELDS = ("compile_seconds", "time_to_first_step_seconds", "timed_secon
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_module(BENCH, "bench")
 
 
 @pytest.mark.spawns
@@ -123,11 +120,7 @@ def test_a_reference_dtype_outside_the_measured_ones_is_refused(bench, capsys):
 
 
 def load_end_to_end():
-    spec = importlib.util.spec_from_file_location("end_to_end", BENCH.parent / "end_to_end.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["end_to_end"] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_module(BENCH.parent / "end_to_end.py", "end_to_end")
 
 
 def readme_commands() -> list[list[str]]:

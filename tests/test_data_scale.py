@@ -11,21 +11,17 @@ Python int in a list, then block arrays) read 579 against 738 MB already at 2 an
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import load_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def data_scale():
-    spec = importlib.util.spec_from_file_location("data_scale", ROOT / "benchmarks" / "data_scale.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module(ROOT / "benchmarks" / "data_scale.py", "data_scale")
 
 
 @pytest.mark.reliability

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import glob
-import importlib.util
 import json
 import os
 import re
@@ -17,22 +16,15 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, load_module
 
 WORKFLOW = ROOT / ".github" / "workflows" / "tests.yml"
 RECORDED = Path(__file__).parent / "data" / "junit"
 
 
-def load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def noxfile():
-    return load(ROOT / "noxfile.py", "project_noxfile")
+    return load_module(ROOT / "noxfile.py", "project_noxfile")
 
 
 def nox_command(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -224,7 +216,7 @@ def test_benchmarks_run_on_each_backend_in_bfloat16_on_accelerators(noxfile):
     assert names == {"bench", "bench-cuda12", "bench-tpu"}
     assert {noxfile.bench_cell(backend).name for backend in noxfile.BACKENDS} == {
         "cpu-tf457-py311", "cuda12-tf457-py311", "tpu-tf457-py311"}
-    bench = load(ROOT / "benchmarks" / "bench.py", "bench")
+    bench = load_module(ROOT / "benchmarks" / "bench.py", "bench")
     accelerator = bench.parse_arguments(["--backend", "tpu"])
     assert (accelerator.dtype, accelerator.reference_dtype) == (["bfloat16"], ["bfloat16"])
     cpu = bench.parse_arguments(["--backend", "cpu"])
@@ -259,7 +251,7 @@ def test_the_workflow_runs_exactly_the_sessions_nox_lists(noxfile):
     sessions = listed_sessions("tests", "slow")
     names = {session["session"] for session in sessions}
     assert any(name.startswith("tests-cpu(") for name in names) and any(name.startswith("slow-tpu(") for name in names)
-    ci_matrix = load(ROOT / "tools" / "ci_matrix.py", "ci_matrix")
+    ci_matrix = load_module(ROOT / "tools" / "ci_matrix.py", "ci_matrix")
     os.environ.update(GPU_RUNNERS="true", TPU_RUNNERS="true")
     try:
         everything = ci_matrix.matrix(sessions)["include"]
@@ -324,7 +316,7 @@ def test_the_workflow_is_valid_and_clean():
 
 
 def test_the_report_grids_recorded_cells_including_a_failing_one(tmp_path):
-    report = load(ROOT / "tools" / "matrix_report.py", "matrix_report")
+    report = load_module(ROOT / "tools" / "matrix_report.py", "matrix_report")
     for path in RECORDED.iterdir():
         shutil.copy(path, tmp_path / path.name)
     assert report.main([str(tmp_path)]) == 0
@@ -344,7 +336,7 @@ def test_the_report_grids_recorded_cells_including_a_failing_one(tmp_path):
 def test_the_report_lists_every_session_nox_ran_including_those_without_tests(tmp_path):
     """From nox's own --report: an install that failed, a missing interpreter and absent hardware are
     rows too, though they left no JUnit file; a session's JUnit parts make one column."""
-    report = load(ROOT / "tools" / "matrix_report.py", "matrix_report")
+    report = load_module(ROOT / "tools" / "matrix_report.py", "matrix_report")
     for path in RECORDED.iterdir():
         shutil.copy(path, tmp_path / path.name)
     shutil.copy(RECORDED / "junit-tests-cpu-tf5-py313.xml", tmp_path / "junit-tests-cpu-tf5-py313.part2.xml")
@@ -362,6 +354,6 @@ def test_the_report_lists_every_session_nox_ran_including_those_without_tests(tm
 
 
 def test_the_report_says_so_when_nothing_ran(tmp_path, capsys):
-    report = load(ROOT / "tools" / "matrix_report.py", "matrix_report")
+    report = load_module(ROOT / "tools" / "matrix_report.py", "matrix_report")
     assert report.main([str(tmp_path)]) == 1
     assert "no nox-*.json or junit-*.xml" in capsys.readouterr().err

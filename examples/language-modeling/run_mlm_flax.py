@@ -95,7 +95,7 @@ def main(argv=None):
         max_length = min(max_length, 512)
 
     def to_rows(dataset):
-        text_column = scripts.text_column(dataset)
+        text_column = scripts.text_column(dataset.column_names)
         if data_args.line_by_line:
             dataset = dataset.filter(lambda example: bool(str(example[text_column]).strip()))
             tokenize = lambda batch: tokenizer(

@@ -204,7 +204,7 @@ def main(argv=None):
     run = scripts.start(training_args, model_args)
     splits = run.load_splits(data_args, extensions=(".json", ".jsonl"), json_field="data")
 
-    from flax_finetune import squad
+    from flax_finetune import data, squad
 
     splits = {split: flatten_squad(dataset) for split, dataset in splits.items()}
     for split, dataset in splits.items():
@@ -254,7 +254,7 @@ def main(argv=None):
     for split, dataset in splits.items():
         mapped = dataset.map(windows, batched=True, with_indices=True, remove_columns=dataset.column_names,
                              **data_args.map_options)
-        rows[split] = scripts.pad_rows(mapped, pad_values, length)
+        rows[split] = data.PaddedRows(mapped, pad_values, length)
 
     import jax.numpy as jnp
 

@@ -12,9 +12,9 @@ next ones while the device runs the current step.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
-import itertools
 import queue
 import sys
 import threading
@@ -230,6 +230,14 @@ class ComputedRows:
         return {self.name: np.stack(computed)[where.reshape(-1)], **columns}
 
 
+def arrow_table(dataset):
+    """The pyarrow table behind a `datasets.Dataset` (memory-mapped where datasets cached it); a
+    selection of rows (`select`, `--max_*_samples`) is written out first, so rows are table rows."""
+    if getattr(dataset, "_indices", None) is not None:
+        dataset = dataset.flatten_indices()
+    return dataset.data.table
+
+
 class TokenStream:
     """The token ids of every text of a tokenized split, concatenated, read where they lie.
 
@@ -239,10 +247,8 @@ class TokenStream:
     """
 
     def __init__(self, dataset, column: str = "input_ids"):
-        if getattr(dataset, "_indices", None) is not None:  # a selection of rows: write it out first
-            dataset = dataset.flatten_indices()
         self.pieces = [chunk.flatten().to_numpy(zero_copy_only=False)
-                       for chunk in dataset.data.table.column(column).chunks]
+                       for chunk in arrow_table(dataset).column(column).chunks]
         self.starts = np.cumsum([0] + [len(piece) for piece in self.pieces])
 
     def __len__(self) -> int:
@@ -312,9 +318,7 @@ class PaddedRows:
     def __init__(self, dataset, pad_values: Mapping[str, int], length: Optional[int] = None):
         import pyarrow.compute as pc
 
-        if getattr(dataset, "_indices", None) is not None:  # a selection of rows: write it out first
-            dataset = dataset.flatten_indices()
-        self.table = dataset.data.table
+        self.table = arrow_table(dataset)
         self.pad_values = pad_values
         self.widths = {}
         for name in self.table.column_names:

@@ -212,9 +212,9 @@ class PackedRows:
     def __init__(self, tokenized: Any, block_size: int, pad_id: int, packing: bool = True):
         import pyarrow.compute as pc
 
-        if getattr(tokenized, "_indices", None) is not None:
-            tokenized = tokenized.flatten_indices()
-        self.table = tokenized.data.table
+        from flax_finetune.data import arrow_table
+
+        self.table = arrow_table(tokenized)
         lengths = pc.list_value_length(self.table.column("input_ids")).to_numpy(zero_copy_only=False)
         self.examples = np.flatnonzero(lengths > 0)  # empty examples are dropped
         log_cut(lengths[self.examples], block_size)

@@ -34,9 +34,9 @@ SPLIT_FLAGS = {"train": "do_train", "validation": "do_eval", "test": "do_predict
 TEXT_EXTENSIONS = (".txt", ".csv", ".json", ".jsonl")
 
 
-def text_column(dataset: Any) -> str:
+def text_column(column_names: Sequence[str]) -> str:
     """The column holding the text: `text` when there is one, else the first."""
-    return "text" if "text" in dataset.column_names else dataset.column_names[0]
+    return "text" if "text" in column_names else column_names[0]
 
 
 def setup_logging() -> None:
@@ -65,7 +65,7 @@ def token_stream(dataset: Any, tokenizer: Any, data_args: Any, add_special_token
     """
     import datasets
 
-    column = text_column(dataset)
+    column = text_column(dataset.column_names)
     started = time.perf_counter()
     tokenized = dataset.map(
         lambda batch: {"input_ids": tokenizer(
@@ -94,13 +94,15 @@ def streamed_blocks(stream: Any, tokenizer: Any, data_args: Any, training_args: 
     many as --max_steps steps take (see `data.StreamedBlocks`)."""
     from flax_finetune.trainer import global_batch_size
 
+    from flax_finetune import instructions
+
     first = next(iter(stream.take(1)), None)  # a stream's columns may be known only once it is read
     if first is None:
         raise InputError("the training stream holds no text")
-    if {"prompt", "completion", "messages"} & set(first):
+    if instructions.row_format(list(first)) is not None:
         raise InputError("--streaming reads plain text; instruction data (prompt / completion, messages) is read "
                          "without --streaming")
-    column = "text" if "text" in first else next(iter(first))
+    column = text_column(list(first))
     return data.StreamedBlocks(
         stream, column, lambda texts: tokenizer(texts, return_attention_mask=False)["input_ids"], block_size,
         num_blocks=training_args.max_steps * global_batch_size(training_args),
@@ -145,13 +147,6 @@ def require_known_labels(splits: Mapping[str, Any], column: str, known: set, nes
         unknown = sorted(seen - known, key=str)
         if unknown:
             raise InputError(f"the {split} file has labels not seen in training: {', '.join(map(str, unknown[:10]))}")
-
-
-def pad_rows(dataset: Any, pad_values: Mapping[str, int], length: Optional[int]) -> data.PaddedRows:
-    """Tokenized columns of a `datasets.Dataset` as fixed-length rows, read per batch (`data.PaddedRows`):
-    sequence columns (those in `pad_values`) right-padded to `length`, or to the longest row rounded up
-    to a multiple of 8 when `length` is None."""
-    return data.PaddedRows(dataset, pad_values, length)
 
 
 def check_training_plan(training_args: Any) -> None:
@@ -325,7 +320,7 @@ class Run:
     ) -> data.PaddedRows:
         """Map `function` over batches of `dataset` (dropping the raw columns), then pad to fixed length."""
         mapped = dataset.map(function, batched=True, remove_columns=dataset.column_names, **data_args.map_options)
-        return pad_rows(mapped, pad_values, length)
+        return data.PaddedRows(mapped, pad_values, length)
 
     def model(self, model_args: Any, task: str, config: Any) -> Any:
         """Pretrained weights from --model_name_or_path, else a new model from `config`.
@@ -381,7 +376,6 @@ class Run:
         README.md model card, and with --push_to_hub goes to the hub (also at
         every --save_steps with --hub_strategy every_save).
         """
-
         trainer = self.trainer(loss_fn, predict_fn)
         params = model.params
         results: dict[str, float] = {}
