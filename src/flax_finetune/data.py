@@ -49,6 +49,12 @@ def _builder_for(path: Path, flag: str, extensions: Sequence[str]) -> str:
     return BUILDER_BY_EXTENSION[path.suffix.lower()]
 
 
+# datasets' text reader holds each chunk as Python strings; with its 10 MB default the process
+# kept ~5 MB more per 10 MB of text after loading (11 MB: 148 MB RSS, 110 MB: 200 MB), with 1 MB
+# chunks 121 and 122 MB (benchmarks/data_scale.py's text; measured 2026-11-30).
+TEXT_CHUNK_BYTES = 1 << 20
+
+
 def load_splits(
     files: Mapping[str, tuple[str, Optional[str]]],
     *,
@@ -87,7 +93,7 @@ def load_splits(
         builder = _builder_for(Path(path), flag, extensions)
         options = {"field": json_field} if Path(path).suffix.lower() == ".json" and json_field else {}
         if builder == "text":
-            options["keep_linebreaks"] = keep_linebreaks
+            options.update(keep_linebreaks=keep_linebreaks, chunksize=TEXT_CHUNK_BYTES)
         try:
             splits[split] = datasets.load_dataset(
                 builder, data_files={split: str(path)}, split=split, cache_dir=cache_dir, streaming=streaming, **options
@@ -236,6 +242,17 @@ def arrow_table(dataset):
     if getattr(dataset, "_indices", None) is not None:
         dataset = dataset.flatten_indices()
     return dataset.data.table
+
+
+def rows_per_batch(dataset, batch_bytes: int) -> int:
+    """Rows of `dataset` holding about `batch_bytes` of its Arrow data (at least one).
+
+    Each batch that `datasets.map` writes is one record batch of the cache file, and opening the
+    file touches every record batch's pages: with datasets' 1,000 rows a batch, a 110 MB text's
+    token cache added 23 MB to the RSS of the process reading it, with 2 MB batches 3 MB.
+    """
+    table = dataset.data
+    return max(1, int(batch_bytes * table.num_rows / max(table.nbytes, 1)))
 
 
 class TokenStream:

@@ -54,6 +54,11 @@ def setup_logging() -> None:
         logging.getLogger(f"datasets.packaged_modules.{reader}.{reader}").setLevel(logging.CRITICAL)
 
 
+# Text tokenized per `datasets.map` batch: each worker holds a batch's ids as Python ints (~10x
+# the text's bytes) while fewer, larger batches keep the cache's record batches few.
+TOKENIZE_BATCH_BYTES = 1 << 20
+
+
 def token_stream(dataset: Any, tokenizer: Any, data_args: Any, add_special_tokens: bool) -> data.TokenStream:
     """The token ids of every text of a split (see `text_column`), concatenated, for scripts that cut
     them into blocks.
@@ -71,7 +76,8 @@ def token_stream(dataset: Any, tokenizer: Any, data_args: Any, add_special_token
         lambda batch: {"input_ids": tokenizer(
             [str(text) for text in batch[column]], add_special_tokens=add_special_tokens, return_attention_mask=False
         )["input_ids"]},
-        batched=True, remove_columns=dataset.column_names, desc="tokenizing",
+        batched=True, batch_size=data.rows_per_batch(dataset, TOKENIZE_BATCH_BYTES),
+        remove_columns=dataset.column_names, desc="tokenizing",
         features=datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32"))}),
         **data_args.map_options,
     )
