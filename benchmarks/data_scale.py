@@ -1,7 +1,8 @@
 """Data at scale: peak memory and wall time of a script on generated data larger than the fixtures.
 
     python benchmarks/data_scale.py speech [--clips 2000] [--workers 1 2] [--scripts DIR] [--output DIR]
-    python benchmarks/data_scale.py clm [--megabytes 100] [--workers 1 2] [--scripts DIR] [--output DIR]
+    python benchmarks/data_scale.py clm [--megabytes 100] [--workers 1 2] [--scripts DIR] [--original DIR]
+        [--output DIR]
 
 - speech: --clips clips made from the fixture clips (fixtures/data/speech), each one a fixture
   clip at another gain, so every clip is a new file; the speech script trains a tiny Whisper
@@ -18,6 +19,11 @@ memory (the wrapper's RUSAGE_CHILDREN ru_maxrss) is that run's alone. RSS counts
 memory-mapped files (datasets' Arrow caches) that the process has touched, besides its own memory.
 --scripts runs another checkout's examples/ folder (for before-and-after figures: `git worktree
 add /tmp/before <commit>` and --scripts /tmp/before/examples; that checkout's own src/ is used).
+--original DIR (clm): also run the original run_clm_flax.py (DIR laid out as Transformers'
+examples/flax/, run in a Transformers 4.x environment) on the same file with each --workers count
+(or --original_workers):
+it has no --max_steps, so it trains on --max_steps x 8 blocks for one epoch (--max_train_samples)
+after tokenizing and grouping the whole file; only its wall time and peak RSS are read.
 Per run: wall time, peak RSS, seconds outside the training loop (start-up, preparing the data,
 saving), the first step, the steps, the share of the loop spent waiting for input batches, and
 for text the tokenization throughput the script logs. The speech case first measures the
@@ -124,11 +130,14 @@ def make_text(folder: Path, megabytes: float) -> Path:
     return target
 
 
-def command(case: str, data_file: Path, output: Path, workers: int, max_steps: int) -> list[str]:
-    """The script's command line; the speech model folder lies beside the data file."""
-    common = ["--output_dir", str(output), "--do_train", "--max_steps", str(max_steps), "--logging_steps", "5",
+def command(case: str, data_file: Path, output: Path, workers: int, max_steps: int, original: bool = False) -> list[str]:
+    """The script's command line; the speech model folder lies beside the data file. `original`: the
+    original run_clm_flax.py's flags for the same work (it has no --max_steps)."""
+    length = ["--max_train_samples", str(max_steps * 8), "--num_train_epochs", "1", "--eval_steps", "1000000"
+              ] if original else ["--max_steps", str(max_steps)]  # the original's loop needs an --eval_steps
+    common = ["--output_dir", str(output), "--do_train", *length, "--logging_steps", "5",
               "--per_device_train_batch_size", "8", "--preprocessing_num_workers", str(workers),
-              "--disable_tqdm", "--train_file", str(data_file)]
+              "--disable_tqdm", *(["true"] if original else []), "--train_file", str(data_file)]
     if case == "speech":
         model = data_file.parent / "whisper-30s"
         return [*common, "--config_name", str(model), "--tokenizer_name", str(model), "--feature_extractor_name",
@@ -136,29 +145,35 @@ def command(case: str, data_file: Path, output: Path, workers: int, max_steps: i
     return [*common, "--model_name_or_path", str(FIXTURES / "models" / "tiny-gpt2"), "--block_size", "128"]
 
 
-def run(case: str, scripts: Path, data_file: Path, workers: int, max_steps: int, caches: Path) -> dict:
+def run(case: str, scripts: Path, data_file: Path, workers: int, max_steps: int, caches: Path,
+        original: bool = False) -> dict:
     """One run of the case's script as a measured process: wall seconds, peak RSS, training figures.
 
-    `caches`: the folder of the run's datasets and compilation caches (empty for a cold run)."""
+    `caches`: the folder of the run's datasets and compilation caches (empty for a cold run).
+    `original`: `scripts` holds the original scripts; only wall time and peak RSS are read."""
     with tempfile.TemporaryDirectory() as scratch:
         output = Path(scratch) / "out"
-        env = {**os.environ, "PYTHONPATH": str(scripts.parent / "src"),
-               "HF_DATASETS_CACHE": str(caches / "datasets"), "JAX_COMPILATION_CACHE_DIR": str(caches / "jax")}
+        env = {**os.environ, "HF_DATASETS_CACHE": str(caches / "datasets"), "JAX_COMPILATION_CACHE_DIR": str(caches / "jax")}
+        if not original:
+            env["PYTHONPATH"] = str(scripts.parent / "src")
         started = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-c", MEASURED, sys.executable, str(scripts / SCRIPTS[case]),
-             *command(case, data_file, output, workers, max_steps)],
+             *command(case, data_file, output, workers, max_steps, original)],
             env=env, capture_output=True, text=True,
         )
         wall = time.perf_counter() - started
         if done.returncode:
             raise SystemExit(f"{case} failed:\n{done.stderr[-3000:]}")
+        peak = round(int(done.stdout.split()[-1]) / 1024, 1)
+        if original:
+            return {"workers": workers, "wall_seconds": round(wall, 2), "peak_rss_mb": peak}
         results = json.loads((output / "train_results.json").read_text())
     tokenized = TOKENIZED.search(done.stderr)  # the training split's line comes first
     return {
         "workers": workers,
         "wall_seconds": round(wall, 2),
-        "peak_rss_mb": round(int(done.stdout.split()[-1]) / 1024, 1),
+        "peak_rss_mb": peak,
         "train_runtime_seconds": round(results["train_runtime"], 2),  # the steps, the first one included
         "first_step_seconds": round(results["train_first_step_seconds"], 2),
         "outside_training_seconds": round(wall - results["train_runtime"], 2),
@@ -177,6 +192,8 @@ def main(argv=None) -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--max_steps", type=int, default=20)
     parser.add_argument("--scripts", type=Path, default=ROOT / "examples", help="the examples/ folder to run")
+    parser.add_argument("--original", type=Path, help="clm: the original scripts' folder (examples/flax/ layout)")
+    parser.add_argument("--original_workers", type=int, nargs="+", help="the original's worker counts (default --workers)")
     parser.add_argument("--output", type=Path, default=ROOT / "reports" / "data-scale")
     args = parser.parse_args(argv)
 
@@ -204,13 +221,20 @@ def main(argv=None) -> None:
         runs.append({"caches": "warm", **run(args.case, args.scripts.resolve(), data_file, args.workers[-1],
                                              args.max_steps, caches), "tokens_per_second": None})  # read back
         print(json.dumps(runs[-1]), flush=True)
+        if args.original and args.case == "clm":
+            for workers in args.original_workers or args.workers:
+                caches = Path(scratch) / f"original-caches-{workers}"
+                runs.append({"caches": "cold, original script", **run(
+                    args.case, args.original.resolve(), data_file, workers, args.max_steps, caches, original=True)})
+                print(json.dumps(runs[-1]), flush=True)
 
     header = ["caches", "workers", "wall s", "peak RSS MB", "outside training s", "first step s", f"{args.max_steps} steps s",
               "input wait", "tokens/s"]
     table = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    table += [f"| {r['caches']} | {r['workers']} | {r['wall_seconds']} | {r['peak_rss_mb']} | {r['outside_training_seconds']} | "
-              f"{r['first_step_seconds']} | {r['train_runtime_seconds']} | {r['input_wait_fraction']} | "
-              f"{r['tokens_per_second'] or '-'} |" for r in runs]
+    table += [f"| {r['caches']} | {r['workers']} | {r['wall_seconds']} | {r['peak_rss_mb']} | "
+              f"{r.get('outside_training_seconds', '-')} | {r.get('first_step_seconds', '-')} | "
+              f"{r.get('train_runtime_seconds', '-')} | {r.get('input_wait_fraction', '-')} | "
+              f"{r.get('tokens_per_second') or '-'} |" for r in runs]
     text = (f"{args.case}, {size}, scripts from {args.scripts}, load average {os.getloadavg()[0]:.1f}\n\n"
             + "\n".join(table) + "\n"
             + (f"\nfeature extraction, clips/s by threads: {extraction}\n" if extraction else ""))

@@ -13,6 +13,10 @@ A family's test file (tests/test_family_<family>.py) calls these with its own ti
 - `smoke_losses`: the task's script trains the family's fixture model for a few steps on one
   repeated batch and the logged training loss goes down.
 
+The three AdamW steps run for a family's language-model head (`TRAINED_TASKS`; a test can ask for
+them elsewhere with `train=True`): the other heads sit on the same backbone, so their logits on
+random parameters are what is left to compare, and the steps were most of each check's time.
+
 Each parity check returns its figures (largest logit difference, losses) and appends them to
 $FLAX_FINETUNE_PARITY_REPORT (JSON Lines) when that is set: the README's figures come from there.
 Shapes: B = 3 rows of L = 10 tokens; padded rows hold 10, 7 and 2 real tokens.
@@ -38,6 +42,7 @@ from flax_finetune import models
 from flax_finetune.modeling import MODULES, checkpoint_io, family
 
 ATOL = RTOL = 1e-5
+TRAINED_TASKS = ("masked-lm", "causal-lm", "seq2seq-lm")
 BATCH, LENGTH = 3, 10
 LENGTHS = (10, 7, 2)
 TARGET_LENGTH = 7
@@ -258,12 +263,13 @@ def _runnable_reference(flax_class_name: str):
 
 
 def check_flax_parity(model_type: str, task: str, config, flax_class_name: str, batches, *, seed: int = 0,
-                      train: bool = True) -> dict:
+                      train: Optional[bool] = None) -> dict:
     """This project's module against Transformers' Flax class on the same random parameters.
 
     Asserts the same parameter tree, logits within 1e-5 on every batch of `batches` and (with
     `train`) the same losses over three AdamW steps on the last batch. Returns
     {"max_logit_error": float, "losses": [ours], "reference_losses": [theirs]}."""
+    train = task in TRAINED_TASKS if train is None else train
     transformers = _transformers()
     skip_where_the_reference_is_broken(flax_class_name)
     with _runnable_reference(flax_class_name):
@@ -304,12 +310,13 @@ def check_flax_parity(model_type: str, task: str, config, flax_class_name: str, 
 
 
 def check_pytorch_parity(model_type: str, task: str, config, torch_class_name: str, batches, tmp_path: Path, *,
-                         seed: int = 0, train: bool = True, architecture: Optional[str] = None) -> dict:
+                         seed: int = 0, train: Optional[bool] = None, architecture: Optional[str] = None) -> dict:
     """Random parameters of this project's module, saved by `Model.save`, against Transformers' PyTorch class.
 
     The saved folder must load with no missing and no unexpected key; logits on real tokens
     within 1e-5 on every batch; with `train`, three AdamW steps give the same losses within 1e-5.
     Returns {"max_logit_error": float, "losses": [ours], "reference_losses": [theirs]}."""
+    train = task in TRAINED_TASKS if train is None else train
     torch = needs_torch()
     transformers = _transformers()
     module = _module(model_type, task, config)

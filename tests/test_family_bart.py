@@ -91,6 +91,10 @@ def family_of(case: str) -> str:
 # --------------------------------------------------------------------------- parity
 
 
+# three AdamW steps for BART and for Pegasus (its own decoder start and embedding scale); the other cases compare logits
+TRAINED_CASES = ("bart", "pegasus")
+
+
 @pytest.mark.parity
 @pytest.mark.parametrize("case", [case for case in CASES if case != "marian-separate"])  # no Flax class has it
 def test_flax_parity(case):
@@ -103,7 +107,7 @@ def test_flax_parity(case):
     training = settings if family != "pegasus" else config("pegasus", decoder_start_token_id=3)
     figures = family_checks.check_flax_parity(family, "seq2seq-lm", settings, FLAX_CLASSES[family],
                                               family_checks.seq2seq_batches(settings), train=False)
-    if family != "marian":
+    if case in TRAINED_CASES:
         trained = family_checks.check_flax_parity(family, "seq2seq-lm", training, FLAX_CLASSES[family],
                                                   family_checks.seq2seq_batches(training))
         assert trained["losses"][-1] < trained["losses"][0]
@@ -141,7 +145,7 @@ def test_sequence_classification_flax_parity():
     settings = classification_config()
     figures = family_checks.check_flax_parity("bart", "sequence-classification", settings,
                                               "FlaxBartForSequenceClassification", classification_batches(settings))
-    assert figures["losses"][-1] < figures["losses"][0]
+    assert figures["max_logit_error"] <= family_checks.ATOL
 
 
 @pytest.mark.pytorch
@@ -150,7 +154,7 @@ def test_sequence_classification_pytorch_parity(tmp_path):
     figures = family_checks.check_pytorch_parity("bart", "sequence-classification", settings,
                                                  "BartForSequenceClassification", classification_batches(settings),
                                                  tmp_path)
-    assert figures["losses"][-1] < figures["losses"][0]
+    assert figures["max_logit_error"] <= family_checks.ATOL
 
 
 # --------------------------------------------------------------------------- generation

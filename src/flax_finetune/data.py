@@ -49,9 +49,10 @@ def _builder_for(path: Path, flag: str, extensions: Sequence[str]) -> str:
     return BUILDER_BY_EXTENSION[path.suffix.lower()]
 
 
-# datasets' text reader holds each chunk as Python strings; with its 10 MB default the process
-# kept ~5 MB more per 10 MB of text after loading (11 MB: 148 MB RSS, 110 MB: 200 MB), with 1 MB
-# chunks 121 and 122 MB (benchmarks/data_scale.py's text; measured 2026-11-30).
+# datasets' text reader splits each chunk into Python strings, and the memory they leave behind
+# grew with the file: with its 10 MB default the process's RSS after loading was 148 MB for 11 MB
+# of text and 200 MB for 110 MB; with 1 MB chunks 121 and 122 MB (benchmarks/data_scale.py's text,
+# 2026-11-30).
 TEXT_CHUNK_BYTES = 1 << 20
 
 
