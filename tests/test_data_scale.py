@@ -4,10 +4,11 @@ The blocks are read from the tokenized Arrow cache batch by batch (data.TokenStr
 corpus itself costs only the pages of its memory-mapped caches that the process touches: the
 larger run's peak RSS must stay within 15 % of the smaller one's. Measured here (2026-11-30,
 this test's two runs repeated twice through benchmarks/data_scale.py's `run`): 11 MB 628 and
-636 MB, 110 MB 676 and 658 MB (1.08x, 1.03x); ~36 s for the test. Two causes of growth this test caught and that are
-fixed: datasets' text reader in 10 MB chunks left ~5 MB of Python memory per 10 MB of text
-(588 against 703 MB in a CI run; now 1 MB chunks, `data.TEXT_CHUNK_BYTES`), and the raw texts'
-Arrow pages stayed mapped through training (the scripts now drop the raw splits once tokenized).
+636 MB, 110 MB 676 and 658 MB (1.08x, 1.03x); ~36 s for the test. Two causes of growth this
+test caught and that are fixed: datasets' text reader in 10 MB chunks left ~5 MB of Python
+memory per 10 MB of text (588 against 703 MB in a CI run; now 1 MB chunks,
+`data.TEXT_CHUNK_BYTES`), and the raw texts' Arrow pages stayed mapped through training (the LM
+scripts now hand each raw split over once, `scripts.consume`).
 The earlier in-memory pipeline (every token a Python int in a list) read 579 against 738 MB
 already at 2 and 20 MB (1.27x).
 """

@@ -85,7 +85,7 @@ def main(argv=None):
             return instructions.PackedRows(tokenized, block_size, pad_id, data_args.packing)
         return data.TokenBlocks(scripts.token_stream(dataset, tokenizer, data_args, True), block_size, pad_id)
 
-    rows = {split: to_blocks(split, splits.pop(split)) for split in list(splits)}  # the raw texts freed as tokenized
+    rows = {split: to_blocks(split, dataset) for split, dataset in scripts.consume(splits)}
 
     from flax_finetune import losses
 

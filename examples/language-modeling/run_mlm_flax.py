@@ -112,7 +112,7 @@ def main(argv=None):
                                     special_tokens_mask=True)
         return data.MappedRows(rows, lambda columns, indices, epoch: {**columns, "row_index": indices.astype(np.int32)})
 
-    rows = {split: to_rows(splits.pop(split)) for split in list(splits)}  # the raw texts freed as tokenized
+    rows = {split: to_rows(dataset) for split, dataset in scripts.consume(splits)}
 
     import jax
     import jax.numpy as jnp

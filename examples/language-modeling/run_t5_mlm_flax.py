@@ -157,8 +157,7 @@ def main(argv=None):
         decoder_inputs = np.concatenate([np.full((len(labels), 1), config.decoder_start_token_id), labels[:, :-1]], 1)
         return {"input_ids": np.stack(inputs), "labels": labels, "decoder_input_ids": decoder_inputs.astype(np.int32)}
 
-    # the raw texts freed as tokenized
-    rows = {split: data.MappedRows(to_chunks(splits.pop(split)), corrupt_rows) for split in list(splits)}
+    rows = {split: data.MappedRows(to_chunks(dataset), corrupt_rows) for split, dataset in scripts.consume(splits)}
 
     import jax.numpy as jnp
 

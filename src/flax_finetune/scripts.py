@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -37,6 +37,14 @@ TEXT_EXTENSIONS = (".txt", ".csv", ".json", ".jsonl")
 def text_column(column_names: Sequence[str]) -> str:
     """The column holding the text: `text` when there is one, else the first."""
     return "text" if "text" in column_names else column_names[0]
+
+
+def consume(splits: dict) -> Iterator[tuple[str, Any]]:
+    """(split, raw dataset) pairs, each removed from `splits` as it is handed out: once the caller
+    has tokenized a split, nothing holds its raw dataset, and the text's memory-mapped Arrow pages
+    leave the process instead of staying through training (tests/test_data_scale.py)."""
+    for split in list(splits):
+        yield split, splits.pop(split)
 
 
 def setup_logging() -> None:
